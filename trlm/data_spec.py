@@ -1,0 +1,263 @@
+"""Declarative data mixtures (`data_specs/*.yaml`): where rows come from and how they become canonical.
+
+A spec lists sources. Each source is a local file (JSONL, JSONL.gz or parquet, relative to the data
+root) or a hub dataset (id, config, split). It takes N rows, either the first N (as the published
+builder did with `itertools.islice`) or a seeded sample, maps its columns onto one of two canonical
+shapes and may apply one named transform:
+
+- `sft`:        {"messages": [{"role", "content"}, ...]}
+- `preference`: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+
+The blend is concatenated and shuffled with the spec's seed. Every row keeps its origin (`_source`,
+`_row`: file and 1-based line number) so that validation errors can name file, row and field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import random
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trlm.artifacts import hash_file, hash_json
+from trlm.recipe import RecipeError
+
+
+class HubSource(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
+class SourceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    path: str | None = Field(None, description="local file relative to the data root")
+    hub: HubSource | None = None
+    rows: int | None = Field(None, gt=0, description="rows to take; None = all")
+    sample: Literal["first", "seeded"] = "first"
+    columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
+    transform: Literal["gsm8k_think", "hh_rlhf_pairs", "conversation_pairs"] | None = None
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "SourceSpec":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` or `hub`")
+        return self
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    kind: Literal["sft", "preference"]
+    description: str = ""
+    shuffle_seed: int = 42
+    sources: list[SourceSpec] = Field(min_length=1)
+
+    def check_sources(self, data_root: Path) -> None:
+        for src in self.sources:
+            if src.path is not None and not (data_root / src.path).is_file():
+                raise RecipeError(f"data spec {self.name!r}, source {src.name!r}: file not found: {data_root / src.path}")
+
+    def source_fingerprints(self, data_root: Path) -> dict[str, str]:
+        """Bytes of local files; id/config/split/revision of hub sources (their rows are hashed after download)."""
+        out = {}
+        for src in self.sources:
+            if src.path is not None:
+                out[src.name] = hash_file(data_root / src.path)
+            else:
+                out[src.name] = hash_json(src.hub.model_dump())
+        return out
+
+
+def load_data_spec(name_or_path: str) -> DataSpec:
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        candidate = resources.files("trlm.data_specs") / f"{name_or_path.removesuffix('.yaml')}.yaml"
+        if not candidate.is_file():
+            raise RecipeError(f"data spec not found: {name_or_path!r} (neither a file nor a spec under data_specs/)")
+        path = Path(str(candidate))
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return DataSpec.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"data spec {path} is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
+        raise RecipeError(f"invalid data spec {path}: {details}") from None
+
+
+# --- reading sources ---------------------------------------------------------------------------
+
+
+class RowError(ValueError):
+    """A bad input row; the message names file, row and field."""
+
+    def __init__(self, source: str, row: int, field: str, reason: str):
+        self.source, self.row, self.field, self.reason = source, row, field, reason
+        super().__init__(f"{source}: row {row}: field {field!r}: {reason}")
+
+
+def _iter_local(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+    """(1-based row number, record) for JSONL/JSONL.gz/parquet; undecodable rows come back as RowError.
+
+    JSONL is read as bytes and decoded line by line, so one bad line names itself instead of
+    aborting the whole file inside a library.
+    """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, rec
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+                rec = json.loads(text)
+            except UnicodeDecodeError as exc:
+                yield i, RowError(str(path), i, "<line>", f"undecodable text (not UTF-8 at byte {exc.start})")
+                continue
+            except json.JSONDecodeError as exc:
+                yield i, RowError(str(path), i, "<line>", f"not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(rec, dict):
+                yield i, RowError(str(path), i, "<line>", "a row must be a JSON object")
+                continue
+            yield i, rec
+
+
+def _iter_hub(src: HubSource) -> Iterator[tuple[int, dict]]:
+    from datasets import load_dataset
+
+    ds = load_dataset(src.id, src.config, split=src.split, revision=src.revision, streaming=True)
+    for i, rec in enumerate(ds, start=1):
+        yield i, rec
+
+
+def read_source(src: SourceSpec, data_root: Path, seed: int) -> tuple[str, list[tuple[int, dict | RowError]]]:
+    """The selected raw rows of one source: first N, or a seeded sample of N (in file order)."""
+    if src.path is not None:
+        label = src.path
+        rows = _iter_local(data_root / src.path)
+    else:
+        label = f"hub:{src.hub.id}/{src.hub.config or ''}/{src.hub.split}"
+        rows = _iter_hub(src.hub)
+    if src.rows is None:
+        return label, list(rows)
+    if src.sample == "first":
+        return label, list(itertools.islice(rows, src.rows))
+    every = list(rows)
+    chosen = sorted(random.Random(f"{seed}:{src.name}").sample(range(len(every)), min(src.rows, len(every))))
+    return label, [every[i] for i in chosen]
+
+
+# --- transforms into canonical shapes ----------------------------------------------------------
+
+_CALC = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_think(rec: dict) -> dict:
+    """GSM8K answer "steps <<calc>> ...\\n#### 72" -> assistant "<think>\\nsteps\\n</think>\\n#### 72".
+
+    The calculator annotations are removed (they are tool traces, not reasoning). The final answer
+    keeps GSM8K's "#### N" form, which lm-eval's strict-match filter reads.
+    """
+    msgs = [dict(m) for m in rec["messages"]]
+    answer = msgs[-1]["content"]
+    if "####" not in answer:
+        raise ValueError("assistant answer has no '#### <final answer>' line")
+    steps, final = answer.rsplit("####", 1)
+    steps = _CALC.sub("", steps).strip()
+    msgs[-1]["content"] = f"<think>\n{steps}\n</think>\n#### {final.strip()}"
+    return {"messages": msgs}
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_messages(text: str) -> list[dict]:
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise ValueError("text before the first 'Human:' turn")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> dict:
+    """Longest common message prefix = prompt; the rest are the two completions."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def hh_rlhf_pairs(rec: dict) -> dict:
+    """hh-rlhf "\\n\\nHuman: ... \\n\\nAssistant: ..." strings -> shared prompt + one assistant turn each."""
+    return _split_shared_prompt(_hh_messages(rec["chosen"]), _hh_messages(rec["rejected"]))
+
+
+def conversation_pairs(rec: dict) -> dict:
+    """chosen/rejected conversations sharing the prompt turns -> shared prompt + completions."""
+    return _split_shared_prompt(list(rec["chosen"]), list(rec["rejected"]))
+
+
+TRANSFORMS: dict[str, Callable[[dict], dict]] = {
+    "gsm8k_think": gsm8k_think,
+    "hh_rlhf_pairs": hh_rlhf_pairs,
+    "conversation_pairs": conversation_pairs,
+}
+CANONICAL_COLUMNS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected")}
+
+
+def canonical_row(spec: DataSpec, src: SourceSpec, label: str, row: int, rec: dict) -> dict:
+    """Map columns, apply the transform; raise RowError naming file, row and field."""
+    needed = CANONICAL_COLUMNS[spec.kind]
+    if src.transform in ("hh_rlhf_pairs", "conversation_pairs"):
+        needed = ("chosen", "rejected")
+    out: dict[str, Any] = {}
+    for col in needed:
+        source_col = src.columns.get(col, col)
+        if source_col not in rec:
+            raise RowError(label, row, source_col, "missing column")
+        out[col] = rec[source_col]
+    if src.transform:
+        try:
+            out = TRANSFORMS[src.transform](out)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RowError(label, row, ",".join(needed), f"transform {src.transform} failed: {exc}") from None
+    out["_source"] = label
+    out["_row"] = row
+    return out
+
+
+def resolve_rows(spec: DataSpec, data_root: Path) -> Iterator[dict | RowError]:
+    """Every selected row of every source in canonical shape, shuffled with the spec's seed.
+
+    Bad rows come back as RowError objects (not raised) so the caller's policy decides.
+    """
+    rows: list[dict | RowError] = []
+    for src in spec.sources:
+        label, raw = read_source(src, data_root, spec.shuffle_seed)
+        for row, rec in raw:
+            if isinstance(rec, RowError):
+                rows.append(rec)
+                continue
+            try:
+                rows.append(canonical_row(spec, src, label, row, rec))
+            except RowError as err:
+                rows.append(err)
+    random.Random(spec.shuffle_seed).shuffle(rows)
+    return iter(rows)
