@@ -1,0 +1,352 @@
+"""Stage keys, skip-if-done and MLflow lineage: what to run, what is cached, where artifacts live.
+
+A stage's key hashes its code version (the bytes of its source files), its resolved config and the
+fingerprints of its inputs (never paths, timestamps or run ids). A stage is *done* when the MLflow
+experiment holds a FINISHED run tagged with that key: this holds across flow runs, processes and
+machines that share the tracking store.
+
+Each executed stage is one MLflow child run under the pipeline's parent run. Its output directory
+IS the run's artifact directory `output/`: with a local artifact store the stage writes straight into
+it (no copy); with a remote store it writes to a staging directory and uploads. Downstream stages get
+`runs:/<id>/output` and resolve it through MLflow (a local path for local stores, a download
+otherwise).
+
+No Prefect here: the CLI's `status` and the flow both use this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote, urlparse
+
+from trlm.artifacts import hash_json, read_fingerprint, stage_key
+from trlm.recipe import STAGES, Recipe
+
+log = logging.getLogger(__name__)
+
+# The modules whose source defines each stage's behaviour: editing one invalidates the stage's cache.
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "data-prep": ("trlm.stages.data_prep", "trlm.data_spec"),
+    "sft-general": ("trlm.stages.sft", "trlm.stages.training", "trlm.stages.losses"),
+    "sft-think": ("trlm.stages.sft", "trlm.stages.training", "trlm.stages.losses"),
+    "dpo": ("trlm.stages.dpo", "trlm.stages.training", "trlm.stages.losses"),
+    "eval": ("trlm.eval.harness", "trlm.eval.mirror"),
+}
+UPSTREAM = {"data-prep": None, "sft-general": "data-prep", "sft-think": "sft-general", "dpo": "sft-think", "eval": "dpo"}
+MODEL_INPUT = {"sft-general": "base", "sft-think": "sft-general", "dpo": "sft-think"}
+
+TAG_KEY = "trlm.stage_key"
+TAG_STAGE = "trlm.stage"
+TAG_RECIPE = "trlm.recipe"
+TAG_OUTPUT_FP = "trlm.output_fingerprint"
+TAG_KIND = "trlm.kind"
+OUTPUT = "output"
+
+
+def code_version(stage: str) -> str:
+    """SHA-256 over the source files of the stage's modules (found without importing them)."""
+    h = hashlib.sha256()
+    for name in STAGE_MODULES[stage]:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            h.update(f"missing:{name}".encode())
+            continue
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()
+
+
+def stage_config(recipe: Recipe, stage: str) -> dict:
+    """The part of the recipe a stage's output depends on (its data mixture is covered by the data fingerprint)."""
+    if stage == "data-prep":
+        from trlm.stages.data_prep import data_prep_config
+
+        return data_prep_config(recipe)
+    if stage.startswith("eval:"):  # one evaluated model
+        return recipe.eval.model_dump(mode="json")
+    cfg = recipe.stage_config(stage).model_dump(mode="json")
+    if stage != "eval":
+        cfg.pop("data")
+    return cfg
+
+
+# --- the tracking store ------------------------------------------------------------------------
+
+
+def setup_tracking(recipe: Recipe) -> "Tracker":
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return Tracker(recipe.resolved_tracking_uri, recipe.experiment, recipe.work_path)
+
+
+class Tracker:
+    """MlflowClient with the few queries the pipeline needs. Uses explicit run ids, never the
+    thread-local active run, because Prefect runs tasks in worker threads."""
+
+    def __init__(self, tracking_uri: str, experiment: str, work_dir: Path):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = tracking_uri
+        self.work_dir = work_dir
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            # Artifacts next to the DB in the work dir, not in a CWD-relative ./mlruns.
+            location = (work_dir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite") else None
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+
+    # queries
+    def _search(self, filter_string: str, max_results: int = 20):
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=max_results)
+
+    def find_done(self, stage: str, key: str):
+        runs = self._search(f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'", 1)
+        return runs[0] if runs else None
+
+    def find_resumable(self, stage: str, key: str):
+        """An unfinished run of the same key (killed or failed): rerunning continues in its artifact dir."""
+        for run in self._search(f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_STAGE}` = '{stage}'"):
+            if run.info.status in ("RUNNING", "FAILED", "KILLED") and self.local_artifact_dir(run) is not None:
+                return run
+        return None
+
+    def latest_done(self, stage: str, recipe_name: str):
+        runs = self._search(f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_RECIPE}` = '{recipe_name}' and attributes.status = 'FINISHED'", 1)
+        return runs[0] if runs else None
+
+    # artifacts
+    @staticmethod
+    def local_artifact_dir(run) -> Path | None:
+        uri = run.info.artifact_uri
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            return Path(unquote(parsed.path))
+        return None
+
+    def output_dir_for_writing(self, run) -> Path:
+        local = self.local_artifact_dir(run)
+        if local is not None:
+            return local / OUTPUT
+        return self.work_dir / "staging" / run.info.run_id / OUTPUT
+
+    def resolve(self, uri: str, fingerprint: str | None = None) -> Path:
+        """A `runs:/…` or `models:/…` URI -> local directory (no copy for local stores)."""
+        import mlflow
+
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.tracking_uri)
+            local = Path(path)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the URI named
+            raise RuntimeError(f"cannot resolve artifact {uri}: {exc}") from exc
+        return local
+
+    def artifact_uri(self, run) -> str:
+        return f"runs:/{run.info.run_id}/{OUTPUT}"
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    key: str | None
+    state: str  # done | stale | missing | blocked
+    run_id: str | None = None
+    artifact_uri: str | None = None
+    artifact_path: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)  # output fingerprints
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_outputs(run) -> dict[str, str]:
+    return {k.removeprefix(TAG_OUTPUT_FP + "."): v for k, v in run.data.tags.items() if k.startswith(TAG_OUTPUT_FP + ".")}
+
+
+def base_fingerprint(recipe: Recipe) -> str:
+    from trlm.base_model import source_fingerprint
+
+    return source_fingerprint(recipe.base_model)
+
+
+def stage_inputs(recipe: Recipe, stage: str, upstream: dict[str, dict[str, str]], base_fp: str) -> dict[str, str] | None:
+    """Input fingerprints of a stage, from the recorded outputs of its upstream stages (None = unknown)."""
+    if stage == "data-prep":
+        from trlm.stages.data_prep import data_prep_inputs
+
+        return data_prep_inputs(recipe, base_fp)
+    if stage == "eval":
+        fps = {"base": base_fp}
+        for model in recipe.eval.models:
+            if model == "base":
+                continue
+            if model not in upstream:
+                return None
+            fps[model] = upstream[model]["model"]
+        return fps
+    data = upstream.get("data-prep", {}).get(stage)
+    model_from = MODEL_INPUT[stage]
+    model = base_fp if model_from == "base" else upstream.get(model_from, {}).get("model")
+    if data is None or model is None:
+        return None
+    return {"model": model, "data": data}
+
+
+def compute_key(recipe: Recipe, stage: str, inputs: dict[str, str]) -> str:
+    return stage_key(stage, code_version(stage), stage_config(recipe, stage), inputs)
+
+
+def plan(recipe: Recipe, tracker: Tracker) -> list[StagePlan]:
+    """State of every stage for this recipe: done (cached), stale (done for other inputs), missing."""
+    base_fp = base_fingerprint(recipe)
+    upstream: dict[str, dict[str, str]] = {}
+    plans = []
+    for stage in STAGES:
+        inputs = stage_inputs(recipe, stage, upstream, base_fp)
+        if inputs is None:
+            previous = tracker.latest_done(stage, recipe.name)
+            plans.append(StagePlan(stage, None, "stale" if previous else "missing", note=f"waits for {UPSTREAM[stage]}"))
+            continue
+        key = compute_key(recipe, stage, inputs)
+        run = tracker.find_done(stage, key)
+        if run is not None:
+            upstream[stage] = run_outputs(run)
+            local = tracker.local_artifact_dir(run)
+            plans.append(StagePlan(stage, key, "done", run.info.run_id, tracker.artifact_uri(run), str(local / OUTPUT) if local else None, upstream[stage]))
+            continue
+        previous = tracker.latest_done(stage, recipe.name)
+        plans.append(StagePlan(stage, key, "stale" if previous else "missing", note="inputs, config or code changed" if previous else ""))
+    return plans
+
+
+# --- running one stage -------------------------------------------------------------------------
+
+
+def flatten(prefix: str, obj: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(obj) if isinstance(obj, (list, tuple)) else str(obj)
+    return out
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    key: str
+    run_id: str
+    artifact_uri: str
+    path: str
+    outputs: dict[str, str]
+    cached: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class MetricLogger:
+    """The plain on_log(metrics, step) callback the stages take, forwarding to MLflow (batched)."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id, self.history = client, run_id, []
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.history.append({"step": step, **clean})
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in clean.items()], synchronous=True)
+
+
+def run_stage(
+    tracker: Tracker,
+    recipe: Recipe,
+    stage: str,
+    key: str,
+    inputs: dict[str, str],
+    execute: Callable[[Path, MetricLogger], dict],
+    *,
+    parent_run_id: str | None,
+    force: bool = False,
+    extra_tags: dict[str, str] | None = None,
+) -> StageOutcome:
+    """Skip if done; else resume an unfinished run of the same key or start one; mark FINISHED/FAILED."""
+    from mlflow.entities import Param, RunTag
+
+    if not force:
+        done = tracker.find_done(stage, key)
+        if done is not None:
+            log.info("%s: cached (key %s, run %s)", stage, key[:12], done.info.run_id)
+            local = tracker.local_artifact_dir(done)
+            return StageOutcome(stage, key, done.info.run_id, tracker.artifact_uri(done), str(local / OUTPUT) if local else "", run_outputs(done), True)
+    run = None if force else tracker.find_resumable(stage, key)
+    client = tracker.client
+    if run is not None:
+        log.info("%s: resuming unfinished run %s", stage, run.info.run_id)
+        client.update_run(run.info.run_id, status="RUNNING")
+    else:
+        tags = {TAG_KEY: key, TAG_STAGE: stage, TAG_RECIPE: recipe.name, TAG_KIND: "stage", "mlflow.runName": f"{stage}-{key[:8]}"}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        tags.update({f"trlm.input.{k}": v for k, v in inputs.items()})
+        run = client.create_run(tracker.experiment_id, run_name=f"{stage}-{key[:8]}", tags=tags)
+        params = flatten("", stage_config(recipe, stage), {})
+        client.log_batch(run.info.run_id, params=[Param(k[:250], v[:6000]) for k, v in params.items()], synchronous=True)
+    run_id = run.info.run_id
+    for k, v in (extra_tags or {}).items():
+        client.set_tag(run_id, k, v)
+    out = tracker.output_dir_for_writing(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logger = MetricLogger(client, run_id)
+    try:
+        summary = execute(out, logger)
+        fingerprint = read_fingerprint(out)
+        if fingerprint is None:
+            raise RuntimeError(f"{stage} finished without writing {out}/fingerprint.json")
+        outputs = {"model" if stage in MODEL_INPUT else "all": fingerprint, **summary.pop("_outputs", {})}
+        client.log_batch(run_id, tags=[RunTag(f"{TAG_OUTPUT_FP}.{k}", v) for k, v in outputs.items()], synchronous=True)
+        if tracker.local_artifact_dir(run) is None:
+            client.log_artifacts(run_id, str(out), OUTPUT)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        client.set_tag(run_id, "trlm.error", "".join(traceback.format_exception_only(type(exc), exc))[-5000:])
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    log.info("%s: done (run %s)", stage, run_id)
+    return StageOutcome(stage, key, run_id, tracker.artifact_uri(run), str(out), outputs, False, summary)
+
+
+def register_model(tracker: Tracker, name: str, run_id: str, alias: str = "candidate") -> int:
+    """Register `runs:/<id>/output/model` under `name` and point `alias` at the new version."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already registered
+    source = f"runs:/{run_id}/{OUTPUT}/model"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+def short_hash(obj: Any) -> str:
+    return hash_json(obj)[:8]
