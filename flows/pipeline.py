@@ -110,6 +110,10 @@ def base_model_task(ref: dict) -> dict:
 
     recipe, _ = _open(ref)
     path = materialize_base_model(recipe.base_model, recipe.work_path)
+    check_file = path / "sanity_check.json"
+    if check_file.is_file():
+        check = json.loads(check_file.read_text())
+        get_run_logger().info("base model %s: %r -> %r", path, check["prompt"], check["answer"])
     return {"path": str(path), "fingerprint": base_fingerprint(recipe)}
 
 

@@ -9,6 +9,7 @@ Later runs find the fingerprinted directory and reuse it.
 
 from __future__ import annotations
 
+import json
 import logging
 from importlib import metadata
 from pathlib import Path
@@ -84,8 +85,25 @@ def materialize_base_model(cfg: BaseModelConfig, work_dir: Path) -> Path:
         model, tokenizer = _load(kind, where, cfg)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        check = sanity_check(model, tokenizer)
+        log.info("base model check: %r -> %r", check["prompt"], check["answer"])
+        (tmp / "sanity_check.json").write_text(json.dumps(check, indent=2))
         write_fingerprint(tmp, meta={"source": cfg.source, "kind": kind})
     return out
+
+
+SANITY_PROMPT = "What is the capital of France?"
+
+
+def sanity_check(model, tokenizer, prompt: str = SANITY_PROMPT, max_new_tokens: int = 20) -> dict:
+    """Greedy answer to a question any working instruct model gets right: catches a broken conversion."""
+    import torch
+
+    batch = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return {"prompt": prompt, "answer": answer}
 
 
 def _load(kind: str, where, cfg: BaseModelConfig):

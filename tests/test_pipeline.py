@@ -1,0 +1,172 @@
+"""The Prefect flow + MLflow lineage end to end, on the tiny model and a few rows of real data.
+
+One module-scoped pipeline run is shared by the assertions: a full run, a rerun that runs nothing,
+a DPO-beta change that reruns only dpo and eval, and the lineage recorded in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trlm.recipe import STAGES, load_recipe
+
+SFT_SPEC = """
+name: tiny-{name}
+kind: sft
+shuffle_seed: 1
+sources:
+  - {{name: src, path: {path}, rows: 8, sample: seeded{transform}}}
+"""
+DPO_SPEC = """
+name: tiny-dpo
+kind: preference
+sources:
+  - {name: hh, path: Anthropic__hh-rlhf/harmless-base/test.jsonl.gz, rows: 8, transform: hh_rlhf_pairs}
+"""
+
+
+def write_tiny_recipe(root: Path, base_model: Path, data_root: Path) -> Path:
+    """A recipe with every stage of the real one, sized for seconds on the tiny model."""
+    specs = root / "specs"
+    specs.mkdir(parents=True, exist_ok=True)
+    (specs / "sft-general.yaml").write_text(SFT_SPEC.format(name="general", path="databricks__databricks-dolly-15k/train.jsonl", transform=""))
+    (specs / "sft-think.yaml").write_text(SFT_SPEC.format(name="think", path="openai__gsm8k/messages/train.jsonl", transform=", transform: gsm8k_think"))
+    (specs / "dpo.yaml").write_text(DPO_SPEC)
+    smoke = yaml.safe_load((Path(__file__).parents[1] / "trlm" / "recipes" / "offline-smoke.yaml").read_text())
+    train = {"max_steps": 2, "batch_size": 2, "learning_rate": 1.0e-3, "warmup_ratio": 0.0, "save_steps": 1, "logging_steps": 1}
+    recipe = {
+        "name": "tiny",
+        "base_model": {"source": str(base_model)},
+        "data_root": str(data_root),
+        "work_dir": str(root / "home"),
+        "tracking_uri": f"sqlite:///{root / 'home' / 'mlflow.db'}",
+        "data_prep": {"validation_policy": "drop", "decontaminate": False},
+        "sft_general": {"data": {**smoke["sft_general"]["data"], "spec": str(specs / "sft-general.yaml"), "max_length": 96}, "train": train},
+        "sft_think": {"data": {**smoke["sft_think"]["data"], "spec": str(specs / "sft-think.yaml"), "max_length": 96}, "train": train, "neftune_alpha": 5.0},
+        "dpo": {"data": {**smoke["dpo"]["data"], "spec": str(specs / "dpo.yaml"), "max_length": 96, "max_prompt_length": 48},
+                "train": train, "loss_type": "apo_zero", "beta": 0.1},
+        "eval": {"profile": "smoke", "tasks": ["arc_easy"], "limit": 2, "batch_size": 2, "max_gen_toks": 8, "models": ["base", "dpo"]},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory, tiny_model_dir, shared_data) -> Path:
+    return write_tiny_recipe(tmp_path_factory.mktemp("pipeline"), tiny_model_dir, shared_data)
+
+
+def _stage_runs(recipe_path: Path):
+    from trlm.lineage import TAG_KIND, setup_tracking
+
+    tracker = setup_tracking(load_recipe(str(recipe_path)))
+    runs = tracker.client.search_runs([tracker.experiment_id], max_results=500)
+    return tracker, runs, [r for r in runs if r.data.tags.get(TAG_KIND) == "stage"]
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_env, tiny_recipe):
+    from trlm.flows.pipeline import pipeline
+
+    return pipeline(recipe=str(tiny_recipe), overrides=[])
+
+
+def test_full_flow_runs_every_stage(first_run, tiny_recipe):
+    assert list(first_run) == list(STAGES)
+    assert not any(o["cached"] for o in first_run.values())
+    for stage, outcome in first_run.items():
+        out = Path(outcome["path"])
+        assert (out / "fingerprint.json").is_file(), stage
+    assert (Path(first_run["dpo"]["path"]) / "model" / "model.safetensors").is_file()
+    report = Path(first_run["eval"]["path"]) / "report.md"
+    assert report.is_file() and "dpo" in report.read_text()
+
+
+def test_mlflow_lineage(first_run, tiny_recipe):
+    from trlm.lineage import TAG_KEY, TAG_KIND
+
+    tracker, runs, stage_runs = _stage_runs(tiny_recipe)
+    parents = [r for r in runs if r.data.tags.get(TAG_KIND) == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_stage = {r.data.tags["trlm.stage"]: r for r in stage_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(by_stage) == set(STAGES), "one child run per stage under the pipeline run"
+    sft = by_stage["sft-general"]
+    assert sft.data.params["train.learning_rate"] == "0.001"
+    assert sft.data.tags[TAG_KEY] == first_run["sft-general"]["key"]
+    assert "trlm.input.model" in sft.data.tags and "trlm.input.data" in sft.data.tags
+    assert sft.data.tags.get("prefect.flow_run_id"), "the Prefect flow-run id is recorded"
+    history = tracker.client.get_metric_history(sft.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+    dpo = by_stage["dpo"]
+    assert {"rewards/accuracies", "rewards/margins", "loss"} <= set(dpo.data.metrics)
+    # The DPO model is registered under the recipe's name with the alias `candidate`.
+    version = tracker.client.get_model_version_by_alias("tiny", "candidate")
+    assert version.run_id == dpo.info.run_id
+    # The hand-off went through MLflow: the next stage's input fingerprint is the previous output's.
+    think = by_stage["sft-think"]
+    assert think.data.tags["trlm.input.model"] == sft.data.tags["trlm.output_fingerprint.model"]
+
+
+def test_second_run_runs_nothing(first_run, tiny_recipe):
+    from trlm.flows.pipeline import pipeline
+
+    _, _, before = _stage_runs(tiny_recipe)
+    again = pipeline(recipe=str(tiny_recipe), overrides=[])
+    assert all(o["cached"] for o in again.values())
+    _, _, after = _stage_runs(tiny_recipe)
+    assert len(after) == len(before), "a cached rerun creates no stage run"
+
+
+def test_changing_dpo_beta_reruns_only_dpo_and_eval(first_run, tiny_recipe):
+    from trlm.flows.pipeline import pipeline
+
+    again = pipeline(recipe=str(tiny_recipe), overrides=["dpo.beta=0.2"])
+    assert {s for s, o in again.items() if not o["cached"]} == {"dpo", "eval"}
+    assert again["sft-think"]["run_id"] == first_run["sft-think"]["run_id"]
+
+
+def test_cache_key_is_stable_across_processes(first_run, tiny_recipe):
+    code = (
+        "import json,sys; from trlm.recipe import load_recipe; from trlm.lineage import plan, setup_tracking;"
+        f"r=load_recipe({str(tiny_recipe)!r}); print(json.dumps([p.key for p in plan(r, setup_tracking(r))]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    keys = json.loads(out.stdout.strip().splitlines()[-1])
+    assert keys == [first_run[s]["key"] for s in STAGES]
+
+
+def test_only_dpo_without_upstream_fails_clearly(tmp_path, tiny_model_dir, shared_data):
+    from typer.testing import CliRunner
+
+    from trlm.cli import app
+
+    recipe = write_tiny_recipe(tmp_path, tiny_model_dir, shared_data)
+    result = CliRunner().invoke(app, ["run", "--recipe", str(recipe), "--only", "dpo"])
+    assert result.exit_code == 2
+    assert "sft-think" in result.output or "data-prep" in result.output
+    assert "trlm run --from" in result.output
