@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import subprocess
+from importlib import resources
 import sys
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def _train(stage: str, recipe: Recipe, ref: dict, model_dir: Path, data_dir: Pat
 
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         module = "trlm.stages.dpo" if stage == "dpo" else "trlm.stages.sft"
-        config = os.environ.get("TRLM_ACCELERATE_CONFIG", str(Path(__file__).resolve().parents[1] / "trlm" / "accelerate_configs" / "multi_gpu.yaml"))
+        config = os.environ.get("TRLM_ACCELERATE_CONFIG", str(resources.files("trlm") / "accelerate_configs" / "multi_gpu.yaml"))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", module,
                "--recipe", ref["recipe"], "--stage", stage, "--model-dir", str(model_dir), "--data-dir", str(data_dir), "--out-dir", str(out),
                *[a for o in ref["overrides"] for a in ("--set", o)]]

@@ -141,16 +141,33 @@ class Tracker:
             return local / OUTPUT
         return self.work_dir / "staging" / run.info.run_id / OUTPUT
 
-    def resolve(self, uri: str, fingerprint: str | None = None) -> Path:
-        """A `runs:/…` or `models:/…` URI -> local directory (no copy for local stores)."""
+    def resolve(self, uri: str) -> Path:
+        """A `runs:/<id>/<path>` or `models:/…` URI -> local directory.
+
+        A run whose artifacts sit on a local file system is read in place (MLflow's own
+        `download_artifacts` would copy a `runs:/` URI into a temporary directory: hundreds of MB
+        per checkpoint). Remote artifact stores are downloaded once into the work dir's cache.
+        """
         import mlflow
 
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri.removeprefix("runs:/").partition("/")
+            run = self.client.get_run(run_id)
+            local = self.local_artifact_dir(run)
+            if local is not None:
+                target = local / path
+                if not target.exists():
+                    raise RuntimeError(f"artifact {uri} does not exist at {target}")
+                return target
+            cache = self.work_dir / "downloads" / run_id / path
+            if not cache.exists():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(cache.parent), tracking_uri=self.tracking_uri)
+            return cache
         try:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.tracking_uri)
-            local = Path(path)
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.tracking_uri))
         except Exception as exc:  # noqa: BLE001 - re-raised with the URI named
             raise RuntimeError(f"cannot resolve artifact {uri}: {exc}") from exc
-        return local
 
     def artifact_uri(self, run) -> str:
         return f"runs:/{run.info.run_id}/{OUTPUT}"
