@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -42,22 +43,28 @@ from tqdm.auto import tqdm
 
 from trlm.artifacts import atomic_directory, hash_directory, hash_json, write_fingerprint
 from trlm.data_spec import RowError, load_data_spec, resolve_rows
-from trlm.recipe import TRAINING_STAGES, MixtureConfig, Recipe, load_recipe
+from trlm.recipe import TRAINING_STAGES, MixtureConfig, Recipe, RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
 IGNORE = -100
 ROLES = {"system", "user", "assistant"}
 HISTOGRAM_EDGES = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
+MAX_LISTED = 200  # dropped rows listed one by one in stats.json (all of them are counted)
 
 
 class DataValidationError(ValueError):
     """Bad rows under policy `error`. `errors` holds every RowError found (file, row, field)."""
 
-    def __init__(self, errors: list[RowError]):
+    def __init__(self, errors: list[RowError], headline: str | None = None):
         self.errors = errors
+        self.headline = headline
         shown = "\n".join(f"  {e}" for e in errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        super().__init__(f"{len(errors)} invalid row(s); nothing was written (validation_policy=error):\n{shown}{more}")
+        head = headline or f"{len(errors)} invalid row(s); nothing was written (validation_policy=error)"
+        super().__init__(f"{head}:\n{shown}{more}")
+
+    def __reduce__(self):  # picklable with its errors (Prefect moves exceptions between processes)
+        return (type(self), (self.errors, self.headline))
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -65,56 +72,56 @@ class DataValidationError(ValueError):
 
 def _check_text(err, field: str, value: Any) -> None:
     if not isinstance(value, str):
-        raise err(field, f"expected text, got {type(value).__name__}")
+        raise err(field, f"expected text, got {type(value).__name__}", "not text")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise err(field, "undecodable text (lone surrogate escape)") from None
+        raise err(field, "undecodable text (lone surrogate escape)", "undecodable text") from None
 
 
 def _check_messages(err, field: str, messages: Any, *, must_end_with: str | None) -> None:
     if not isinstance(messages, list) or not messages:
-        raise err(field, "expected a non-empty list of messages")
+        raise err(field, "expected a non-empty list of messages", "not a message list")
     expected = None
     for i, m in enumerate(messages):
         where = f"{field}[{i}]"
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise err(where, "a message needs 'role' and 'content'")
+            raise err(where, "a message needs 'role' and 'content'", "malformed message")
         role = m["role"]
-        if role not in ROLES:
-            raise err(f"{where}.role", f"unknown role {role!r} (expected one of {sorted(ROLES)})")
+        if not isinstance(role, str) or role not in ROLES:
+            raise err(f"{where}.role", f"unknown role {role!r} (expected one of {sorted(ROLES)})", "unknown role")
         if role == "system" and i != 0:
-            raise err(f"{where}.role", "a system message may only come first")
+            raise err(f"{where}.role", "a system message may only come first", "misplaced system message")
         _check_text(err, f"{where}.content", m["content"])
         if role == "assistant" and not m["content"].strip():
-            raise err(f"{where}.content", "empty assistant content")
+            raise err(f"{where}.content", "empty assistant content", "empty assistant content")
         if role != "system":
             if expected is not None and role != expected:
-                raise err(f"{where}.role", f"roles do not alternate: {role!r} follows {'assistant' if role == 'assistant' else 'user'}")
+                raise err(f"{where}.role", f"roles do not alternate: {role!r} follows {role!r}", "roles do not alternate")
             expected = "assistant" if role == "user" else "user"
     if must_end_with and messages[-1]["role"] != must_end_with:
-        raise err(f"{field}[{len(messages) - 1}].role", f"the last message must be {must_end_with!r}")
+        raise err(f"{field}[{len(messages) - 1}].role", f"the last message must be {must_end_with!r}", f"last message not {must_end_with}")
 
 
 def validate_row(kind: str, row: dict) -> None:
-    def err(field: str, reason: str) -> RowError:
-        return RowError(row["_source"], row["_row"], field, reason)
+    def err(field: str, reason: str, category: str | None = None) -> RowError:
+        return RowError(row["_source"], row["_row"], field, reason, category)
 
     if kind == "sft":
         _check_messages(err, "messages", row["messages"], must_end_with="assistant")
-        if row["messages"][0]["role"] == "assistant" or (row["messages"][0]["role"] == "system" and len(row["messages"]) > 1 and row["messages"][1]["role"] == "assistant"):
-            raise err("messages[0].role", "the conversation must start with a user turn")
+        first = next(m["role"] for m in row["messages"] if m["role"] != "system")
+        if first != "user":
+            raise err("messages[0].role", "the conversation must start with a user turn", "first turn not user")
         return
-    if row["prompt"]:
-        _check_messages(err, "prompt", row["prompt"], must_end_with="user")
-    else:
-        raise err("prompt", "empty prompt (chosen and rejected share no turns)")
+    if not row["prompt"]:
+        raise err("prompt", "empty prompt (chosen and rejected share no turns)", "empty prompt")
+    _check_messages(err, "prompt", row["prompt"], must_end_with="user")
     for side in ("chosen", "rejected"):
         _check_messages(err, side, row[side], must_end_with="assistant")
         if row[side][0]["role"] != "assistant":
-            raise err(f"{side}[0].role", "the completion must start with an assistant turn")
+            raise err(f"{side}[0].role", "the completion must start with an assistant turn", "completion not assistant")
     if row["chosen"] == row["rejected"]:
-        raise err("chosen", "chosen is identical to rejected")
+        raise err("chosen", "chosen is identical to rejected", "chosen identical to rejected")
 
 
 # --- rendering and label masks -----------------------------------------------------------------
@@ -170,6 +177,8 @@ def _prompt_length_sft(tokenizer, template: str, messages: list[dict]) -> int:
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     text = render(tokenizer, template, messages[: first + 1])
     cut = text.find(messages[first]["content"], len(render(tokenizer, template, messages[:first])))
+    if cut < 0:
+        raise ValueError(f"cannot locate assistant turn {first} in the rendered template")
     return len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
 
 
@@ -205,27 +214,25 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
     rows = list(resolve_rows(spec, data_root))
     for row in tqdm(rows, desc=f"data-prep {stage}", unit="row", disable=not progress, leave=False):
         stats["rows_in"] += 1
+        row_stats: Counter = Counter()  # counted only if the row is kept
         try:
             if isinstance(row, RowError):
                 raise row
             validate_row(spec.kind, row)
             if spec.kind == "sft":
-                rec = _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close_id, eos_id)
+                rec = _encode_sft(tokenizer, template, end_token, mixture, row, row_stats, think_close_id, eos_id)
             else:
-                rec = _encode_preference(tokenizer, template, end_token, mixture, row, stats)
+                rec = _encode_preference(tokenizer, template, end_token, mixture, row, row_stats)
         except RowError as e:
             errors.append(e)
-            dropped[e.reason.split(" (")[0]] += 1
+            dropped[e.kind] += 1
             continue
-        if rec is None:
-            continue
+        stats.update(row_stats)
         records.append(rec)
 
+    errors.sort(key=lambda e: (e.source, e.row))
     if errors and policy == "error":
         raise DataValidationError(errors)
-    for reason, n in stats.items():
-        if reason.startswith("dropped:"):
-            dropped[reason.removeprefix("dropped:")] += n
     lengths = np.array([len(r["input_ids"] if spec.kind == "sft" else r["chosen_input_ids"]) for r in records] or [0])
     summary = {
         "stage": stage,
@@ -234,8 +241,10 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
         "rows_in": stats["rows_in"],
         "rows_out": len(records),
         "dropped": dict(sorted(dropped.items())),
-        "dropped_rows": [{"file": e.source, "row": e.row, "field": e.field, "reason": e.reason} for e in errors[:200]],
+        "dropped_rows": [{"file": e.source, "row": e.row, "field": e.field, "reason": e.reason} for e in errors[:MAX_LISTED]],
+        "dropped_rows_not_listed": max(0, len(errors) - MAX_LISTED),
         "truncated": stats["truncated"],
+        "truncated_prompt": stats["truncated_prompt"] if spec.kind == "preference" else None,
         "truncated_lost_think_close": stats["lost_think_close"],
         "truncated_lost_end_of_turn": stats["lost_end_of_turn"],
         "reasoning_rows": stats["reasoning_rows"],
@@ -246,11 +255,16 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
         "loss_mask": mixture.loss_mask if spec.kind == "sft" else "completion",
     }
     if not records:
-        raise DataValidationError(errors or [RowError(spec.name, 0, "-", "no rows left after validation and truncation")])
+        raise DataValidationError(
+            errors or [RowError(spec.name, 0, "-", "no rows selected")],
+            f"{stage}: no rows left after validation and truncation ({len(errors)} dropped); nothing was written",
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     columns = {k: [r[k] for r in records] for k in records[0]}
     types = {k: pa.list_(pa.int32()) if k.endswith(("input_ids", "labels")) else None for k in columns}
+    if "prompt_length" in types:
+        types["prompt_length"] = pa.int32()
     table = pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
     pq.write_table(table, out / "train.parquet")
     tokenizer.save_pretrained(out / "tokenizer")
@@ -259,21 +273,24 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
         "spec": spec.model_dump(mode="json"),
         "source_fingerprints": spec.source_fingerprints(data_root),
         "tokenizer": hash_directory(out / "tokenizer"),
-        "mixture": mixture.model_dump(mode="json"),
+        "mixture": _mixture_settings(mixture),
     }
     (out / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True))
     summary["fingerprint"] = write_fingerprint(out)
     return summary
 
 
-def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close_id, eos_id) -> dict | None:
+def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close_id, eos_id) -> dict:
     messages = row["messages"]
     text = render(tokenizer, template, messages)
-    spans = assistant_spans(tokenizer, template, messages, end_token) if mixture.loss_mask == "assistant" else None
+    try:
+        spans = assistant_spans(tokenizer, template, messages, end_token) if mixture.loss_mask == "assistant" else None
+        prompt_len = _prompt_length_sft(tokenizer, template, messages)
+    except ValueError as exc:
+        raise RowError(row["_source"], row["_row"], "messages", str(exc), "template cannot locate turns") from None
     ids, labels = tokenize_with_mask(tokenizer, text, spans)
-    prompt_len = _prompt_length_sft(tokenizer, template, messages)
     if prompt_len >= mixture.max_length and mixture.truncation_mode == "keep_start":
-        raise RowError(row["_source"], row["_row"], "messages", f"prompt alone ({prompt_len} tokens) is longer than max_length {mixture.max_length}")
+        raise RowError(row["_source"], row["_row"], "messages", f"prompt alone ({prompt_len} tokens) is longer than max_length {mixture.max_length}", "prompt longer than max_length")
     reasoning = any("<think>" in m["content"] for m in messages if m["role"] == "assistant")
     stats["reasoning_rows"] += reasoning
     if len(ids) > mixture.max_length:
@@ -285,8 +302,7 @@ def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close
             stats["lost_end_of_turn"] += 1
         ids, labels = kept, _truncate(labels, mixture.max_length, mixture.truncation_mode)
     if not any(x != IGNORE for x in labels[1:]):
-        stats["dropped:no target tokens left after truncation"] += 1
-        return None
+        raise RowError(row["_source"], row["_row"], "messages", f"no target tokens left after truncation to max_length {mixture.max_length}", "no target tokens after truncation")
     return {"input_ids": ids, "labels": labels, "_source": row["_source"], "_row": row["_row"]}
 
 
@@ -294,18 +310,21 @@ def _encode_preference(tokenizer, template, end_token, mixture, row, stats) -> d
     """prompt ids (shared) + completion ids; labels -100 on the prompt; truncation as published."""
     sides = {}
     prompt_text = None
+    prompt_only = render(tokenizer, template, row["prompt"])
     for side in ("chosen", "rejected"):
         full = render(tokenizer, template, row["prompt"] + row[side])
-        start = full.find(row[side][0]["content"], len(render(tokenizer, template, row["prompt"])))
-        end = full.rfind(end_token) + len(end_token)
-        p_text, c_text = full[:start], full[start:end]
+        start = full.find(row[side][0]["content"], len(prompt_only))
+        end = full.rfind(end_token)
+        if not full.startswith(prompt_only) or start < 0 or end < start:
+            raise RowError(row["_source"], row["_row"], side, "cannot locate the completion in the rendered template", "template cannot locate turns")
+        p_text, c_text = full[:start], full[start : end + len(end_token)]
         if prompt_text is not None and p_text != prompt_text:
-            raise RowError(row["_source"], row["_row"], "prompt", "chosen and rejected render different prompts")
+            raise RowError(row["_source"], row["_row"], "prompt", "chosen and rejected render different prompts", "template cannot locate turns")
         prompt_text = p_text
         sides[side] = tokenizer(c_text, add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     if mixture.max_prompt_length is None and len(prompt_ids) >= mixture.max_length:
-        raise RowError(row["_source"], row["_row"], "prompt", f"prompt alone ({len(prompt_ids)} tokens) is longer than max_length {mixture.max_length}")
+        raise RowError(row["_source"], row["_row"], "prompt", f"prompt alone ({len(prompt_ids)} tokens) is longer than max_length {mixture.max_length}", "prompt longer than max_length")
     if mixture.max_prompt_length is not None and len(prompt_ids) > mixture.max_prompt_length:
         prompt_ids = prompt_ids[-mixture.max_prompt_length :]
         stats["truncated_prompt"] += 1
@@ -318,7 +337,7 @@ def _encode_preference(tokenizer, template, end_token, mixture, row, stats) -> d
             truncated = True
             ids, labels = _truncate(ids, mixture.max_length, mixture.truncation_mode), _truncate(labels, mixture.max_length, mixture.truncation_mode)
         if not any(x != IGNORE for x in labels[1:]):
-            raise RowError(row["_source"], row["_row"], side, "completion entirely cut off by truncation")
+            raise RowError(row["_source"], row["_row"], side, f"completion entirely cut off by truncation to max_length {mixture.max_length}", "completion cut off by truncation")
         rec[f"{side}_input_ids"], rec[f"{side}_labels"] = ids, labels
     stats["truncated"] += truncated
     rec["prompt_length"] = next(i for i, x in enumerate(rec["chosen_labels"]) if x != IGNORE)
@@ -329,11 +348,17 @@ def _encode_preference(tokenizer, template, end_token, mixture, row, stats) -> d
 # --- the stage ---------------------------------------------------------------------------------
 
 
+def _mixture_settings(mixture: MixtureConfig) -> dict:
+    """The mixture's settings without the spec's name or path: the spec's content is recorded
+    (and hashed) instead, so the same spec reached through another path gives the same key."""
+    return mixture.model_dump(mode="json", exclude={"spec"})
+
+
 def data_prep_config(recipe: Recipe) -> dict:
     """Everything that determines this stage's output (its cache key is a hash of this + inputs)."""
     return {
         "data_prep": recipe.data_prep.model_dump(mode="json"),
-        "mixtures": {s: recipe.stage_config(s).data.model_dump(mode="json") for s in TRAINING_STAGES},
+        "mixtures": {s: _mixture_settings(recipe.stage_config(s).data) for s in TRAINING_STAGES},
         "specs": {s: load_data_spec(recipe.stage_config(s).data.spec).model_dump(mode="json") for s in TRAINING_STAGES},
     }
 
@@ -387,8 +412,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    recipe = load_recipe(args.recipe, args.set)
-    print(json.dumps(prepare_data(recipe, base_model_dir=args.base_model, out_dir=args.out), indent=2, default=str))
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        summary = prepare_data(recipe, base_model_dir=args.base_model, out_dir=args.out)
+    except DataValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def write_fingerprint(directory: str | Path, meta: dict[str, Any] | None = None,
     directory = Path(directory)
     files = hash_directory(directory, exclude)
     fingerprint = hash_json(files)
-    record = {"fingerprint": fingerprint, "files": files, **({"meta": meta} if meta else {})}
+    record = {"fingerprint": fingerprint, "files": files, "exclude": list(exclude), **({"meta": meta} if meta else {})}
     tmp = directory / f".{FINGERPRINT_FILE}.{uuid.uuid4().hex}"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
     _fsync_file(tmp)
@@ -79,9 +79,10 @@ def read_fingerprint(directory: str | Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["fingerprint"]
-    except (ValueError, KeyError):
+        fingerprint = json.loads(path.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return fingerprint if isinstance(fingerprint, str) else None
 
 
 def verify_fingerprint(directory: str | Path) -> bool:
@@ -89,9 +90,14 @@ def verify_fingerprint(directory: str | Path) -> bool:
     path = Path(directory) / FINGERPRINT_FILE
     if not path.is_file():
         return False
-    record = json.loads(path.read_text())
-    exclude = ("checkpoints",)
-    return hash_directory(directory, exclude) == record.get("files")
+    try:
+        record = json.loads(path.read_text())
+        files, fingerprint = record["files"], record["fingerprint"]
+        exclude = tuple(record.get("exclude", ("checkpoints",)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    # the record must be self-consistent (an edited fingerprint.json) and match the bytes on disk
+    return hash_json(files) == fingerprint and hash_directory(directory, exclude) == files
 
 
 def stage_key(stage: str, code_version: str, config: Any, input_fingerprints: dict[str, str]) -> str:

@@ -21,13 +21,13 @@ import random
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trlm.artifacts import hash_file, hash_json
-from trlm.recipe import RecipeError
+from trlm.recipe import Int, RecipeError, load_yaml
 
 
 class HubSource(BaseModel):
@@ -43,7 +43,7 @@ class SourceSpec(BaseModel):
     name: str
     path: str | None = Field(None, description="local file relative to the data root")
     hub: HubSource | None = None
-    rows: int | None = Field(None, gt=0, description="rows to take; None = all")
+    rows: Annotated[Int, Field(gt=0)] | None = Field(None, description="rows to take; None = all")
     sample: Literal["first", "seeded"] = "first"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
     transform: Literal["gsm8k_think", "hh_rlhf_pairs", "conversation_pairs"] | None = None
@@ -60,7 +60,7 @@ class DataSpec(BaseModel):
     name: str
     kind: Literal["sft", "preference"]
     description: str = ""
-    shuffle_seed: int = 42
+    shuffle_seed: Int = 42
     sources: list[SourceSpec] = Field(min_length=1)
 
     def check_sources(self, data_root: Path) -> None:
@@ -87,12 +87,12 @@ def load_data_spec(name_or_path: str) -> DataSpec:
             raise RecipeError(f"data spec not found: {name_or_path!r} (neither a file nor a spec under data_specs/)")
         path = Path(str(candidate))
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
         return DataSpec.model_validate(raw)
     except yaml.YAMLError as exc:
         raise RecipeError(f"data spec {path} is not valid YAML: {exc}") from None
     except ValidationError as exc:
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
         raise RecipeError(f"invalid data spec {path}: {details}") from None
 
 
@@ -100,19 +100,29 @@ def load_data_spec(name_or_path: str) -> DataSpec:
 
 
 class RowError(ValueError):
-    """A bad input row; the message names file, row and field."""
+    """A bad input row; the message names file, row and field.
 
-    def __init__(self, source: str, row: int, field: str, reason: str):
+    `kind` is a short, stable category of the problem ("unknown role", "missing column", ...) under
+    which dropped rows are counted; `reason` is the full explanation. It defaults to `reason`.
+    """
+
+    def __init__(self, source: str, row: int, field: str, reason: str, kind: str | None = None):
         self.source, self.row, self.field, self.reason = source, row, field, reason
+        self.kind = kind or reason
         super().__init__(f"{source}: row {row}: field {field!r}: {reason}")
 
+    def __reduce__(self):  # picklable (Prefect and multiprocessing move exceptions between processes)
+        return (type(self), (self.source, self.row, self.field, self.reason, self.kind))
 
-def _iter_local(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+
+def _iter_local(path: Path, label: str | None = None) -> Iterator[tuple[int, dict | RowError]]:
     """(1-based row number, record) for JSONL/JSONL.gz/parquet; undecodable rows come back as RowError.
 
     JSONL is read as bytes and decoded line by line, so one bad line names itself instead of
-    aborting the whole file inside a library.
+    aborting the whole file inside a library. Errors name the file as `label` (the path relative to
+    the data root, as every other row error does: reports and fingerprints never hold the root).
     """
+    label = str(path) if label is None else label
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -125,16 +135,16 @@ def _iter_local(path: Path) -> Iterator[tuple[int, dict | RowError]]:
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM may open the file
                 rec = json.loads(text)
             except UnicodeDecodeError as exc:
-                yield i, RowError(str(path), i, "<line>", f"undecodable text (not UTF-8 at byte {exc.start})")
+                yield i, RowError(label, i, "<line>", f"undecodable text (not UTF-8 at byte {exc.start})", "undecodable text")
                 continue
             except json.JSONDecodeError as exc:
-                yield i, RowError(str(path), i, "<line>", f"not valid JSON ({exc.msg})")
+                yield i, RowError(label, i, "<line>", f"not valid JSON ({exc.msg})", "not valid JSON")
                 continue
             if not isinstance(rec, dict):
-                yield i, RowError(str(path), i, "<line>", "a row must be a JSON object")
+                yield i, RowError(label, i, "<line>", "a row must be a JSON object", "not a JSON object")
                 continue
             yield i, rec
 
@@ -151,7 +161,7 @@ def read_source(src: SourceSpec, data_root: Path, seed: int) -> tuple[str, list[
     """The selected raw rows of one source: first N, or a seeded sample of N (in file order)."""
     if src.path is not None:
         label = src.path
-        rows = _iter_local(data_root / src.path)
+        rows = _iter_local(data_root / src.path, label)
     else:
         label = f"hub:{src.hub.id}/{src.hub.config or ''}/{src.hub.split}"
         rows = _iter_hub(src.hub)
@@ -231,13 +241,13 @@ def canonical_row(spec: DataSpec, src: SourceSpec, label: str, row: int, rec: di
     for col in needed:
         source_col = src.columns.get(col, col)
         if source_col not in rec:
-            raise RowError(label, row, source_col, "missing column")
+            raise RowError(label, row, source_col, "missing column", "missing column")
         out[col] = rec[source_col]
     if src.transform:
         try:
             out = TRANSFORMS[src.transform](out)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise RowError(label, row, ",".join(needed), f"transform {src.transform} failed: {exc}") from None
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise RowError(label, row, ",".join(needed), f"transform {src.transform} failed: {exc}", f"transform {src.transform} failed") from None
     out["_source"] = label
     out["_row"] = row
     return out

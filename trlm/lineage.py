@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # The modules whose source defines each stage's behaviour: editing one invalidates the stage's cache.
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "data-prep": ("trlm.stages.data_prep", "trlm.data_spec"),
+    "data-prep": ("trlm.stages.data_prep", "trlm.data_spec", "trlm.eval.decontamination"),
     "sft-general": ("trlm.stages.sft", "trlm.stages.training", "trlm.stages.losses"),
     "sft-think": ("trlm.stages.sft", "trlm.stages.training", "trlm.stages.losses"),
     "dpo": ("trlm.stages.dpo", "trlm.stages.training", "trlm.stages.losses"),

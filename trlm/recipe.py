@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 STAGES: tuple[str, ...] = ("data-prep", "sft-general", "sft-think", "dpo", "eval")
 TRAINING_STAGES: tuple[str, ...] = ("sft-general", "sft-think", "dpo")
@@ -34,9 +34,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode turns `true` into 1 / 1.0: a YAML boolean where a number belongs is a mistake.
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+NoBool = BeforeValidator(_not_bool)
+Int = Annotated[int, NoBool]
+Float = Annotated[float, NoBool]
+PositiveInt = Annotated[int, NoBool, Field(gt=0)]
+PositiveFloat = Annotated[float, NoBool, Field(gt=0)]
+NonNegativeFloat = Annotated[float, NoBool, Field(ge=0)]
+# StrictBool: "yes", 1 or "no" where a boolean belongs are errors, not silently converted.
+Bool = StrictBool
 
 
 class BaseModelConfig(Strict):
@@ -45,7 +57,7 @@ class BaseModelConfig(Strict):
         "'package:<distribution>/<file>' for a file shipped inside an installed package."
     )
     revision: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
 
 
 class MixtureConfig(Strict):
@@ -69,19 +81,19 @@ class TrainConfig(Strict):
     grad_accum_steps: PositiveInt = 1
     learning_rate: PositiveFloat
     lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_min_lr"] = "cosine"
-    min_lr_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    min_lr_rate: Annotated[float, NoBool, Field(ge=0, le=1)] = 0.0
+    warmup_ratio: Annotated[float, NoBool, Field(ge=0, lt=1)] = 0.0
     weight_decay: NonNegativeFloat = 0.0
     max_grad_norm: PositiveFloat = 1.0
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16-pure"] = Field(
         "auto", description="auto = bf16-mixed on GPU, fp32 on CPU; bf16-pure is what the published run did"
     )
-    gradient_checkpointing: bool = False
-    seed: int = 42
+    gradient_checkpointing: Bool = False
+    seed: Int = 42
     logging_steps: PositiveInt = 1
     save_steps: PositiveInt = 500
     save_total_limit: PositiveInt = 2
-    padding_free: bool = Field(
+    padding_free: Bool = Field(
         True, description="concatenate a micro-batch's sequences into one row (no padding, no cross-document attention); same loss as padded batches"
     )
 
@@ -104,8 +116,8 @@ class DPOStageConfig(Strict):
     train: TrainConfig
     loss_type: Literal["sigmoid", "apo_zero", "ipo", "hinge", "robust"] = "sigmoid"
     beta: PositiveFloat = 0.1
-    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
-    precompute_ref_logps: bool = Field(True, description="compute reference log-probs once before training")
+    label_smoothing: Annotated[float, NoBool, Field(ge=0, lt=0.5)] = 0.0
+    precompute_ref_logps: Bool = Field(True, description="compute reference log-probs once before training")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "DPOStageConfig":
@@ -119,7 +131,7 @@ class DataPrepConfig(Strict):
     validation_policy: Literal["error", "drop"] = Field(
         "error", description="error: stop before writing anything; drop: drop bad rows, count and report them"
     )
-    decontaminate: bool = Field(True, description="13-gram overlap check of every mixture against the benchmarks")
+    decontaminate: Bool = Field(True, description="13-gram overlap check of every mixture against the benchmarks")
 
 
 class EvalConfig(Strict):
@@ -130,9 +142,9 @@ class EvalConfig(Strict):
     limit: PositiveInt | None = Field(None, description="smoke profile: items per task (seeded subset)")
     max_gen_toks: PositiveInt | None = Field(None, description="cap on generated tokens; None keeps each task's default")
     batch_size: PositiveInt = 8
-    seed: int = 1234
-    apply_chat_template: bool = True
-    fewshot_as_multiturn: bool = True
+    seed: Int = 1234
+    apply_chat_template: Bool = True
+    fewshot_as_multiturn: Bool = True
     models: list[Literal["base", "sft-general", "sft-think", "dpo"]] = Field(
         default_factory=lambda: ["base", "sft-general", "sft-think", "dpo"]
     )
@@ -202,19 +214,54 @@ def _apply_override(data: dict, assignment: str) -> None:
         raise RecipeError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
     parts = key.strip().replace("-", "_").split(".")
+    if not all(parts):
+        raise RecipeError(f"--set {key}: empty key")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`eval:` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise RecipeError(f"--set {key}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by explicit keys
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(text: str):
+    """YAML with duplicate keys rejected (a duplicated setting is as silent as a misspelled one)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"  {loc}: {msg}")
@@ -226,7 +273,7 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     source = name_or_path or DEFAULT_RECIPE
     path = _recipe_file(source)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
