@@ -1,0 +1,342 @@
+"""Stage `dpo`: preference optimisation (DPO family; the published recipe: apo_zero, beta 0.1).
+
+What it does, top to bottom (`train_dpo`):
+
+1. If `out_dir/fingerprint.json` exists the stage is finished: return the saved summary.
+2. Load the data directory written by data-prep (`train.parquet` with `chosen_input_ids`,
+   `chosen_labels`, `rejected_input_ids`, `rejected_labels`, `prompt_length`; labels are -100 on
+   the shared prompt) and the starting model (`model_dir` = the stage-2 SFT checkpoint). Dropout is
+   disabled, so the policy at step 0 computes exactly the reference's log-probs.
+3. Reference log-probs: the reference is the FROZEN starting model. With `precompute_ref_logps`
+   (default) they are computed once, before training, for every pair, and stored in
+   `out_dir/reference_logps.pt` keyed by the data and model fingerprints (reused on resume), so
+   training needs the policy forward only and no second model in memory. Otherwise a frozen copy
+   of the starting model runs next to the policy (2x weights memory, +1 forward per step).
+4. The loop: each micro-batch of B pairs runs ONE forward pass over its 2B sequences (chosen and
+   rejected packed into one padding-free row, or a padded [2B, L] batch). The sequence log-prob is
+   the SUM of the completion tokens' log-probs (`chunked_sequence_logps`, no [B, T, V] logits);
+   for `ipo` the per-token AVERAGE. The loss is the mean over all pairs of the optimizer step
+   (micro-batches and processes). Gradients are clipped to `max_grad_norm` (0.2 in the recipe).
+   Every `logging_steps`: `on_log(metrics, step)` with loss, rewards/chosen, rewards/rejected,
+   rewards/accuracies (strict >), rewards/margins, logps/chosen, logps/rejected, grad_norm,
+   learning_rate, tokens_per_second, pairs_per_second, epoch. Checkpoints as in SFT.
+5. Write `out_dir/model/`, `metrics.json`, then `fingerprint.json` last.
+
+Trade-offs:
+* Precomputed reference log-probs cost one extra forward pass over the data up front (~1/3 of a
+  training step per pair) and save the reference model's memory and forward during training.
+  They are computed in the stage's precision; in bf16 the policy's step-0 log-probs match them only
+  to bf16 accuracy (batch composition changes the rounding), in fp32 to ~1e-6.
+* Packing chosen and rejected together shares one forward; the prompt is computed twice (once per
+  side), as in TRL. Prompt-sharing (prefix caching) would save that but complicates the backward.
+* Dropout is off (TRL's `disable_dropout=True`); SmolLM2 has no dropout anyway.
+
+Usage:
+    python -m trlm.stages.dpo --recipe offline-smoke --stage dpo \
+        --model-dir SFT_THINK/model --data-dir DATA/dpo --out-dir OUT
+    accelerate launch --config_file trlm/accelerate_configs/single_gpu.yaml -m trlm.stages.dpo ...
+    accelerate launch --config_file trlm/accelerate_configs/multi_gpu.yaml  -m trlm.stages.dpo ...  # DDP
+    accelerate launch --config_file trlm/accelerate_configs/fsdp.yaml       -m trlm.stages.dpo ...  # FSDP2
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate.utils import set_seed
+
+from trlm.artifacts import read_fingerprint
+from trlm.recipe import DPOStageConfig
+from trlm.stages.losses import chunked_sequence_logps, dpo_loss, dpo_metrics
+from trlm.stages.training import (
+    IGNORE_INDEX,
+    Ragged,
+    Stopwatch,
+    build_optimizer,
+    build_scheduler,
+    remove_incomplete,
+    clip_gradients,
+    collate,
+    data_fingerprint,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    env_summary,
+    export_model,
+    finish_stage,
+    finished_summary,
+    install_head_forward,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    load_ragged,
+    load_stage_config,
+    load_tokenizer,
+    make_accelerator,
+    micro_batch_rows,
+    plan_steps,
+    progress_bar,
+    reduce_sums,
+    resize_for_tokenizer,
+    save_checkpoint,
+    set_end_of_turn,
+    stage_argument_parser,
+    to_device,
+    trainer_state,
+    unpack_rows,
+)
+
+OnLog = Callable[[dict[str, float], int], None]
+COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
+REFERENCE_FILE = "reference_logps.pt"
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def pair_batch(data: dict[str, Ragged], rows, *, padding_free: bool, pad_id: int) -> dict:
+    """B pairs -> one batch of 2B sequences: [chosen_1 .. chosen_B, rejected_1 .. rejected_B]."""
+    sequences = [(data["chosen_input_ids"][i], data["chosen_labels"][i]) for i in rows]
+    sequences += [(data["rejected_input_ids"][i], data["rejected_labels"][i]) for i in rows]
+    return collate(sequences, padding_free=padding_free, pad_id=pad_id)
+
+
+def sequence_logps_head(batch: dict) -> Callable:
+    """The loss head for `install_head_forward`: (hidden, lm_head weight) -> (logps_sum [2B], n_tokens [2B]).
+
+    A packed row is first re-laid out as one row per sequence (hidden states and labels), so the
+    sums come out per sequence; only completion tokens are projected onto the vocabulary.
+    """
+    labels = batch["labels"]
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor):
+        if batch["attention_mask"] is None:  # padding-free packed row
+            return chunked_sequence_logps(
+                unpack_rows(hidden, batch["seq_lengths"], 0.0), weight, unpack_rows(labels, batch["seq_lengths"], IGNORE_INDEX)
+            )
+        return chunked_sequence_logps(hidden, weight, labels)
+
+    return head
+
+
+def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over a pair batch: (log-prob sums [2B], completion token counts [2B])."""
+    return model(batch["input_ids"], head=sequence_logps_head(batch), position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
+
+
+@torch.no_grad()
+def compute_reference_logps(accelerator, model, data: dict[str, Ragged], *, batch_size: int, padding_free: bool, pad_id: int) -> dict:
+    """Log-prob sums and token counts of every pair under `model` (the frozen starting model).
+
+    Each process takes a contiguous share of the rows (every process runs the same number of
+    forwards, as FSDP requires; the last share is padded with repeats), then the shares are gathered.
+    """
+    n = len(data["chosen_input_ids"])
+    share = math.ceil(n / accelerator.num_processes)
+    start = accelerator.process_index * share
+    rows = [min(i, n - 1) for i in range(start, start + share)]
+    out = {k: [] for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    was_training = model.training
+    model.eval()
+    for i in range(0, share, batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = to_device(pair_batch(data, chunk, padding_free=padding_free, pad_id=pad_id), accelerator.device)
+        logps, tokens = forward_logps(model, batch)
+        b = len(chunk)
+        out["chosen"].append(logps[:b].float())
+        out["rejected"].append(logps[b:].float())
+        out["chosen_tokens"].append(tokens[:b])
+        out["rejected_tokens"].append(tokens[b:])
+    model.train(was_training)
+    return {k: accelerator.gather(torch.cat(v)).cpu()[:n] for k, v in out.items()}
+
+
+def reference_logps(ref_table: dict | None, reference, rows, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frozen reference's (chosen [B], rejected [B], token counts [2B]) for a pair batch:
+    looked up in the precomputed table, or one no-grad forward pass of the frozen copy."""
+    device = batch["input_ids"].device
+    if ref_table is not None:
+        index = torch.as_tensor(rows, dtype=torch.long)
+        tokens = torch.cat([ref_table["chosen_tokens"][index], ref_table["rejected_tokens"][index]])
+        return ref_table["chosen"][index].to(device), ref_table["rejected"][index].to(device), tokens.to(device)
+    with torch.no_grad():
+        logps, tokens = forward_logps(reference, batch)
+    b = len(rows)
+    return logps[:b].float(), logps[b:].float(), tokens
+
+
+def load_or_compute_reference(accelerator, model, data, cfg: DPOStageConfig, *, key: dict, out_dir: Path, pad_id: int) -> dict:
+    """`out_dir/reference_logps.pt` if it was computed for this data and model, else compute and store it."""
+    path = out_dir / REFERENCE_FILE
+    if path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("key") == key:
+            return stored
+    ref = compute_reference_logps(accelerator, model, data, batch_size=cfg.train.batch_size, padding_free=cfg.train.padding_free, pad_id=pad_id)
+    ref["key"] = key
+    if accelerator.is_main_process:
+        tmp = path.with_name(f".tmp-{path.name}")
+        torch.save(ref, tmp)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    return ref
+
+
+def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: Path, on_log: OnLog | None = None) -> dict:
+    """Run (or resume, or skip if finished) the DPO stage; return the summary of final metrics."""
+    model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
+    if (done := finished_summary(out_dir)) is not None:
+        return done
+    train = cfg.train
+    accelerator, dtype, precision = make_accelerator(train.precision)
+    is_main = accelerator.is_main_process
+    set_seed(train.seed)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(out_dir)
+    accelerator.wait_for_everyone()
+
+    # --- data ------------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    data = load_ragged(data_dir / "train.parquet", COLUMNS)
+    n_rows = len(data["chosen_input_ids"])
+    plan = plan_steps(n_rows, train, accelerator.num_processes)
+    data_fp = data_fingerprint(data_dir)
+
+    # --- policy (and, without precomputation, a frozen reference copy) ---------------------------
+    model = load_model(model_dir, dtype)
+    resize_for_tokenizer(model, tokenizer)  # a no-op after stage 2, which already added <think>
+    pad_id = set_end_of_turn(model, tokenizer)
+    disable_dropout(model)
+    reference = None
+    if not cfg.precompute_ref_logps:
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        install_head_forward(reference)
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    install_head_forward(model)
+    optimizer = build_optimizer(model, train.learning_rate, train.weight_decay)
+    scheduler = build_scheduler(optimizer, train, plan.total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # --- reference log-probs, from the starting weights (so before any resume) --------------------
+    ref_table = None
+    if cfg.precompute_ref_logps:
+        key = {"data": data_fp, "model": read_fingerprint(model_dir) or str(model_dir.resolve()), "precision": precision}
+        ref_table = load_or_compute_reference(accelerator, model, data, cfg, key=key, out_dir=out_dir, pad_id=pad_id)
+
+    # --- resume ----------------------------------------------------------------------------------
+    step, history, runtime_s, total_tokens = 0, [], 0.0, 0.0
+    if (checkpoint := latest_checkpoint(out_dir)) is not None:
+        state = load_checkpoint(accelerator, checkpoint, cfg, data_fp=data_fp)
+        step, history, runtime_s, total_tokens = state["step"], state["history"], state["runtime_s"], state["total_tokens"]
+
+    # --- the loop --------------------------------------------------------------------------------
+    accum, pairs_per_micro = train.grad_accum_steps, train.batch_size
+    window = dict.fromkeys(("micro_batches", "pairs", "tokens", *METRIC_KEYS), 0.0)
+    window_steps, window_grad_norm = 0, 0.0
+    watch = Stopwatch()
+    bar = progress_bar(plan.total_steps, step, "dpo", is_main)
+    model.train()
+    try:
+        while step < plan.total_steps:
+            for i, g in enumerate(range(step * accum, (step + 1) * accum)):
+                rows = micro_batch_rows(plan, n_rows, train.batch_size, train.seed, g, accelerator.process_index, accelerator.num_processes)
+                batch = to_device(pair_batch(data, rows, padding_free=train.padding_free, pad_id=pad_id), accelerator.device)
+                with accelerator.no_sync(model) if i < accum - 1 else nullcontext():
+                    logps, tokens = forward_logps(model, batch)  # chosen and rejected in ONE pass
+                    b = len(rows)
+                    policy_chosen, policy_rejected = logps[:b], logps[b:]
+                    ref_chosen, ref_rejected, ref_tokens = reference_logps(ref_table, reference, rows, batch)
+                    if cfg.loss_type == "ipo":  # IPO is defined on per-token averages
+                        policy_chosen, policy_rejected = policy_chosen / tokens[:b].clamp(min=1), policy_rejected / tokens[b:].clamp(min=1)
+                        ref_chosen, ref_rejected = ref_chosen / ref_tokens[:b].clamp(min=1), ref_rejected / ref_tokens[b:].clamp(min=1)
+                    losses, chosen_rewards, rejected_rewards = dpo_loss(
+                        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                        beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                    )
+                    # Mean over the step's pairs on this process; DDP averages over processes.
+                    accelerator.backward(losses.sum() / (pairs_per_micro * accum))
+                metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+                for k in METRIC_KEYS:  # micro-batches have equal size: mean of means = mean over pairs
+                    window[k] += metrics[k]
+                window["micro_batches"] += 1
+                window["pairs"] += b
+                window["tokens"] += float(sum(batch["seq_lengths"]))
+
+            grad_norm = clip_gradients(accelerator, model, train.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            window_grad_norm += grad_norm
+            bar.update(1)
+
+            if step % train.logging_steps == 0 or step == plan.total_steps:
+                sums = reduce_sums(accelerator, window)
+                elapsed = watch.elapsed()
+                total_tokens += sums["tokens"]
+                metrics = {k: sums[k] / sums["micro_batches"] for k in METRIC_KEYS}
+                metrics |= {
+                    "grad_norm": window_grad_norm / window_steps,
+                    "learning_rate": learning_rate,
+                    "tokens_per_second": sums["tokens"] / elapsed,
+                    "pairs_per_second": sums["pairs"] / elapsed,
+                    "epoch": step * accum / plan.micro_batches_per_epoch,
+                    "num_tokens": total_tokens,
+                }
+                history.append({"step": step, **metrics})
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+                window = dict.fromkeys(window, 0.0)
+                window_steps, window_grad_norm = 0, 0.0
+                runtime_s += elapsed
+                watch.reset()
+                if on_log is not None and is_main:
+                    on_log(metrics, step)
+
+            if step % train.save_steps == 0 or step == plan.total_steps:
+                with watch.excluded():
+                    state = trainer_state(cfg, plan, step, data_fp=data_fp, runtime_s=runtime_s, total_tokens=total_tokens, history=history)
+                    save_checkpoint(accelerator, out_dir, step, state, keep=train.save_total_limit)
+    finally:
+        bar.close()
+
+    # --- the artifact ----------------------------------------------------------------------------
+    export_model(accelerator, model, tokenizer, out_dir)
+    last = history[-1] if history else {}
+    summary = {
+        **{k: v for k, v in last.items() if k != "step"},
+        "steps": plan.total_steps,
+        "train_runtime_s": runtime_s,
+        "train_tokens_per_second": total_tokens / max(runtime_s, 1e-9),
+        "pairs": n_rows,
+        "model_dir": str(out_dir / "model"),
+    }
+    if is_main:
+        finish_stage(out_dir, summary, history, meta={"stage": "dpo", **env_summary(accelerator, precision)})
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tqdm.auto import tqdm
+
+    args = stage_argument_parser("Preference optimisation stage (dpo).", "dpo").parse_args(argv)
+    cfg = load_stage_config(args, DPOStageConfig)
+
+    def print_metrics(metrics: dict[str, float], step: int) -> None:
+        tqdm.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}))
+
+    summary = train_dpo(cfg, model_dir=args.model_dir, data_dir=args.data_dir, out_dir=args.out_dir, on_log=print_metrics)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
