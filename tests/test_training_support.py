@@ -57,9 +57,12 @@ def _finish(out: Path, table: pa.Table, tok, stats: dict) -> Path:
     return out
 
 
-def write_sft_dir(out: Path, tokenizer_dir: Path, *, n: int = 16, max_length: int = 96, offset: int = 0, think: bool = False, vary: bool = False) -> Path:
+def write_sft_dir(
+    out: Path, tokenizer_dir: Path, *, n: int = 16, max_length: int = 96, offset: int = 0, think: bool = False, vary: bool = False, assistant_only: bool = False
+) -> Path:
     """vary=True truncates row i to 32 + (17 i mod 64) tokens: short rows of unequal lengths, so
-    that token-weighted and per-micro-batch averaging differ (and tests stay fast)."""
+    that token-weighted and per-micro-batch averaging differ (and tests stay fast).
+    assistant_only=True masks the prompt (system + user + assistant header) with -100."""
     tok = make_tokenizer(tokenizer_dir, ("<think>", "</think>") if think else ())
     ids_col, lab_col = [], []
     for i, messages in enumerate(gsm8k_chats(n, offset)):
@@ -68,7 +71,12 @@ def write_sft_dir(out: Path, tokenizer_dir: Path, *, n: int = 16, max_length: in
         cap = min(max_length, 32 + (17 * i) % 64) if vary else max_length
         ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"][:cap]
         ids_col.append(ids)
-        lab_col.append(list(ids))  # loss on all tokens, like the published recipe
+        if assistant_only:
+            prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+            n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+            lab_col.append([IGNORE] * min(n_prompt, len(ids)) + list(ids[n_prompt:]))
+        else:
+            lab_col.append(list(ids))  # loss on all tokens, like the published recipe
     table = pa.table({"input_ids": pa.array(ids_col, pa.list_(pa.int32())), "labels": pa.array(lab_col, pa.list_(pa.int32()))})
     return _finish(Path(out), table, tok, {"rows_out": n})
 
