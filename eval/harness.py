@@ -289,9 +289,10 @@ def evaluate(
 ) -> dict:
     """Evaluate an in-memory causal LM on `cfg.tasks`; return the results document (see module doc).
 
-    `work_dir` receives the offline dataset mirror, the NLTK data for IFEval and the per-item samples
-    (`samples-<fingerprint[:16]>-<profile>.jsonl`). The model is put in eval mode for the run and
-    restored afterwards.
+    `work_dir` receives the offline dataset mirror (`hf_mirror/`), the NLTK data for IFEval
+    (`nltk_data/`) and the per-item samples (`eval-samples/<fingerprint>-<profile>.jsonl`). The model
+    is put in eval mode for the run and restored afterwards; `cfg.num_threads`, if set, applies to the
+    run only.
     """
     import lm_eval
     import torch
@@ -334,6 +335,10 @@ def evaluate(
 
     was_training = getattr(model, "training", False)
     model.eval()
+    threads_before = torch.get_num_threads()
+    num_threads = getattr(cfg, "num_threads", None)
+    if num_threads:
+        torch.set_num_threads(num_threads)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size)
     chat_template = lm.chat_template(True) if cfg.apply_chat_template else None
     rendered_probe = None
@@ -430,10 +435,12 @@ def evaluate(
                 }
                 log.info("evaluated %s in %.1f s", name, wall)
     finally:
+        if num_threads:
+            torch.set_num_threads(threads_before)
         if was_training:
             model.train()
 
-    samples_path = work_dir / f"samples-{model_fingerprint[:16]}-{cfg.profile}.jsonl"
+    samples_path = work_dir / "eval-samples" / f"{model_fingerprint.replace('/', '_').replace(':', '_')[:40]}-{cfg.profile}.jsonl"
     _write_samples(samples_path, all_samples)
 
     settings = {
@@ -456,6 +463,7 @@ def evaluate(
         "chat_template_sha256": _sha256_text(chat_template),
         "chat_template_rendered_probe": rendered_probe,
         "batch_size": cfg.batch_size,
+        "torch_num_threads": num_threads or threads_before,
         "max_length": lm.max_length,
         # lm-eval can cut a generation at an end-of-thinking token before scoring; the published TRLM
         # evaluation did not, and neither does this one: <think> text stays in the scored answer.

@@ -12,7 +12,7 @@ Comparability: for every task, each column's *evaluation settings signature* (lm
 versions, task config hash, few-shot count and seed, generation kwargs, subset, split overrides, chat
 template on/off and multi-turn few-shot, IFEval's NLTK model) is computed. The main table shows, per
 row, only the columns whose signature equals the row's reference signature (the one most columns
-share; ties go to the earlier column). Any other cell is moved to a separate table, "Results with
+share; ties go to the one that evaluated more items, then to the earlier column). Any other cell is moved to a separate table, "Results with
 different settings", which says which settings differ. So a column of the main table never mixes
 results produced with different settings.
 """
@@ -329,10 +329,20 @@ def _reference_signatures(columns: dict[str, dict | None]) -> dict[str, tuple[st
             out[task] = (None, {})
             continue
         counts = Counter(hashes.values())
-        best = max(counts.values())
-        ref = next(h for n, h in hashes.items() if counts[h] == best)  # ties: earliest column
+        items = {h: max(_n_evaluated(columns[n], task) for n, hh in hashes.items() if hh == h) for h in counts}
+        # most columns; then the most items evaluated (a full run beats a smoke subset); then earliest column
+        best = max((counts[h], items[h]) for h in counts)
+        ref = next(h for n, h in hashes.items() if (counts[h], items[h]) == best)
         out[task] = (ref, hashes)
     return out
+
+
+def _n_evaluated(doc: dict | None, task: str) -> int:
+    if not doc:
+        return 0
+    if task in DERIVED:
+        return min(_n_evaluated(doc, t) for t, _ in DERIVED[task])
+    return int((((doc.get("settings") or {}).get("tasks") or {}).get(task) or {}).get("n_evaluated") or 0)
 
 
 def _metric_present(doc: dict, task: str) -> bool:

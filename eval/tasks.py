@@ -37,17 +37,17 @@ log = logging.getLogger(__name__)
 # greedy decoding ~8 steps/s at batch 4-8; GSM8K and BBH prompts are ~1,000-1,200 tokens each because
 # of their few-shot examples). Items are per leaf task; MMLU and BBH also sample their subtasks.
 SMOKE_ITEMS: dict[str, int] = {
-    "arc_challenge": 20,
-    "arc_easy": 20,
-    "boolq": 12,
-    "piqa": 20,
+    "arc_challenge": 16,
+    "arc_easy": 16,
+    "boolq": 10,
+    "piqa": 16,
     "mmlu": 4,  # per subtask
-    "gsm8k": 3,
+    "gsm8k": 2,
     "bbh": 2,  # per subtask
     "ifeval": 6,
 }
-SMOKE_DEFAULT_ITEMS = 12
-SMOKE_SUBTASKS: dict[str, int] = {"mmlu": 5, "bbh": 2}
+SMOKE_DEFAULT_ITEMS = 10
+SMOKE_SUBTASKS: dict[str, int] = {"mmlu": 4, "bbh": 2}
 SMOKE_MAX_GEN_TOKS = 64
 
 # The task groups used here whose subtasks are sampled in the smoke profile.

@@ -34,8 +34,12 @@ def run(tiny, shared_data, tmp_path_factory):
 
     model, tok = tiny
     work = tmp_path_factory.mktemp("evalwork")
-    cfg = EvalConfig(profile="smoke", tasks=TASKS, limit=LIMIT, max_gen_toks=4, batch_size=4)
+    import torch
+
+    threads = torch.get_num_threads()
+    cfg = EvalConfig(profile="smoke", tasks=TASKS, limit=LIMIT, max_gen_toks=4, batch_size=4, num_threads=1)
     doc = evaluate(model, tok, cfg, data_root=shared_data, work_dir=work, model_fingerprint="f" * 64, progress=False)
+    assert torch.get_num_threads() == threads  # the thread setting applies to the evaluation only
     return doc, work, cfg
 
 
@@ -77,6 +81,7 @@ def test_recorded_settings(run, tiny):
     assert s["chat_template_sha256"] == hashlib.sha256(tok.chat_template.encode()).hexdigest()
     assert "<|im_start|>user\n{prompt}<|im_end|>" in s["chat_template_rendered_probe"]
     assert s["seeds"]["fewshot_random_seed"] == cfg.seed and s["max_gen_toks"] == 4
+    assert s["torch_num_threads"] == 1 and s["think_end_token"] is None
     t = s["tasks"]
     assert t["arc_challenge"]["task_version"] == 1.0 and t["arc_challenge"]["num_fewshot"] == 0
     assert t["gsm8k"]["num_fewshot"] == 5 and t["ifeval"]["task_version"] == 4.0

@@ -142,11 +142,19 @@ def test_full_vs_smoke_profile_never_share_a_row():
     for t in full["settings"]["tasks"].values():
         for leaf in t["leaves"].values():
             leaf["subset"] = {"kind": "all"}
-    report = build_report({"base": full, "dpo": fake_doc(profile="smoke")})
+    for t in full["settings"]["tasks"].values():
+        t["n_evaluated"] = 1000
+    smoke = fake_doc(profile="smoke")
+    for t in smoke["settings"]["tasks"].values():
+        t["n_evaluated"] = 20
+    report = build_report({"base": smoke, "dpo": full})
     for r in report["rows"]:
         cells = r["cells"]
         shown = [c for c in ("base", "dpo") if cells[c].get("value") is not None]
         assert len(shown) <= 1, r["row"]
+    # a tie (one column each) goes to the run that evaluated more items: the full one stays in the table
+    arc = _row(report, "arc_challenge", "acc")
+    assert arc["cells"]["dpo"]["value"] == pytest.approx(0.30) and arc["cells"]["base"].get("moved")
 
 
 def test_headline_metrics_are_flat_and_mlflow_safe():

@@ -162,7 +162,7 @@ def test_negative_learning_rate(tmp_path):
 
 def test_cross_field_rules():
     msg = recipe_error("offline-smoke", overrides=["dpo.data.max_prompt_length=500"])
-    assert "max_prompt_length (500)" in msg and "max_length (192)" in msg
+    assert "max_prompt_length (500)" in msg and "max_length (160)" in msg
     msg = recipe_error("offline-smoke", overrides=["sft_general.train.min_lr_rate=0.1"])
     assert "sft_general.train" in msg and "min_lr_rate" in msg
 
