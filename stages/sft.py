@@ -6,7 +6,7 @@ What it does, top to bottom (`train_sft`):
 2. Load the data directory written by data-prep (`train.parquet` with `input_ids`/`labels`,
    `tokenizer/`) and the starting model (`model_dir`, a standard HF checkpoint).
 3. If the tokenizer has tokens the model lacks (`<think>`, `</think>` in stage 2), grow the tied
-   embedding once, new rows = the mean of the old rows. eos = pad = `<|im_end|>`.
+   embedding once, each new row = the mean of its text pieces' rows (see training.resize_for_tokenizer). eos = pad = `<|im_end|>`.
 4. AdamW (no decay on biases/norm gains), warmup + constant/linear/cosine/cosine_with_min_lr,
    optional gradient checkpointing and NEFTune (training forward passes only).
 5. Resume from the newest complete checkpoint in `out_dir/checkpoints/` if there is one.

@@ -269,12 +269,15 @@ def install_head_forward(model) -> None:
 
 
 def resize_for_tokenizer(model, tokenizer) -> int:
-    """Grow the (tied) embedding to the tokenizer's size; new rows = mean of the existing rows.
+    """Grow the (tied) embedding to the tokenizer's size; each new row = the mean of the rows of the
+    pieces the old vocabulary splits the token's text into (`<think>` -> `<`, `think`, `>`).
 
-    Why the mean: a new token (e.g. `<think>`) then starts with the average logit of the vocabulary
-    under every hidden state, instead of a random row whose logit can spike above every real token;
-    the initial loss is not disrupted and the row is learned from a neutral start. (transformers'
-    `mean_resizing` samples around the mean with the embedding covariance; we use the exact mean.)
+    Why not one shared vocabulary mean for every new row (transformers' `mean_resizing` samples
+    around it): `<think>` and `</think>` would start identical, so as inputs the model cannot tell
+    them apart and as outputs they rise together. Measured on the real model after the smoke
+    stage-2 run with mean rows: greedy answers opened with `</think>` instead of `<think>`. Piece
+    means are distinct, start near what the model already associates with the tag's text, and keep
+    the new logits at an ordinary level, so the initial loss is not disrupted.
     Returns the number of rows added (0 when the embedding is already large enough).
     """
     old = model.get_input_embeddings().weight.shape[0]
@@ -284,10 +287,15 @@ def resize_for_tokenizer(model, tokenizer) -> int:
     model.resize_token_embeddings(new, mean_resizing=False)
     with torch.no_grad():
         weight = model.get_input_embeddings().weight
-        weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
         output = model.get_output_embeddings()
-        if output is not None and output.weight.data_ptr() != weight.data_ptr():  # untied head
-            output.weight[old:] = output.weight[:old].float().mean(dim=0).to(output.weight.dtype)
+        untied = output is not None and output.weight.data_ptr() != weight.data_ptr()
+        for token_id in range(old, new):
+            text = tokenizer.convert_ids_to_tokens(token_id)
+            pieces = [i for i in tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if i < old]
+            rows = torch.as_tensor(pieces) if pieces else torch.arange(old)
+            weight[token_id] = weight[rows].float().mean(dim=0).to(weight.dtype)
+            if untied:
+                output.weight[token_id] = output.weight[rows].float().mean(dim=0).to(output.weight.dtype)
     return new - old
 
 

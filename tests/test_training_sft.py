@@ -197,7 +197,7 @@ def test_neftune_noise_only_in_training_forward_passes(tmp_path, tiny_model_dir,
     assert not seen["model"].get_input_embeddings()._forward_hooks  # removed at the end of the stage
 
 
-def test_special_tokens_resize_embedding_to_the_mean(tmp_path, tiny_model_dir, think_data):
+def test_special_tokens_resize_embedding_to_piece_means(tmp_path, tiny_model_dir, think_data):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     model = make_tiny_llama()
@@ -206,7 +206,11 @@ def test_special_tokens_resize_embedding_to_the_mean(tmp_path, tiny_model_dir, t
     assert resize_for_tokenizer(model, tok) == 2
     new = model.get_input_embeddings().weight.detach()
     assert new.shape[0] == 49154 and torch.equal(new[:49152], old)
-    assert torch.allclose(new[49152], old.mean(0), atol=1e-7) and torch.allclose(new[49153], old.mean(0), atol=1e-7)
+    pieces = {t: tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in ("<think>", "</think>")}
+    assert pieces["<think>"] != pieces["</think>"] and all(i < 49152 for p in pieces.values() for i in p)
+    assert torch.allclose(new[49152], old[pieces["<think>"]].mean(0), atol=1e-7)
+    assert torch.allclose(new[49153], old[pieces["</think>"]].mean(0), atol=1e-7)
+    assert not torch.allclose(new[49152], new[49153])  # distinct tokens start distinct
     assert model.lm_head.weight.data_ptr() == new.data_ptr()  # still tied
 
     # Through the stage (lr ~ 0, so the rows are still at their initial value after one step).
@@ -215,7 +219,7 @@ def test_special_tokens_resize_embedding_to_the_mean(tmp_path, tiny_model_dir, t
     assert summary["added_tokens"] == 2
     emb = model_state(out)["model.embed_tokens.weight"]
     assert emb.shape == (49154, 64)
-    assert torch.allclose(emb[49152], emb[:49152].mean(0), atol=1e-6)
+    assert torch.allclose(emb[49152], emb[pieces["<think>"]].mean(0), atol=1e-6)
     assert AutoConfig.from_pretrained(out).vocab_size == 49154
     saved = AutoTokenizer.from_pretrained(out)
     think = saved.encode("<think>", add_special_tokens=False)
