@@ -313,7 +313,8 @@ def run_stage(
             log.info("%s: cached (key %s, run %s)", stage, key[:12], done.info.run_id)
             local = tracker.local_artifact_dir(done)
             return StageOutcome(stage, key, done.info.run_id, tracker.artifact_uri(done), str(local / OUTPUT) if local else "", run_outputs(done), True)
-    run = None if force else tracker.find_resumable(stage, key)
+    # --force skips the FINISHED run, but still resumes an unfinished (killed) run of the same key.
+    run = tracker.find_resumable(stage, key)
     client = tracker.client
     if run is not None:
         log.info("%s: resuming unfinished run %s", stage, run.info.run_id)
