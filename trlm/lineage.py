@@ -353,13 +353,9 @@ def run_stage(
 
 def register_model(tracker: Tracker, name: str, run_id: str, alias: str = "candidate") -> int:
     """Register `runs:/<id>/output/model` under `name` and point `alias` at the new version."""
-    from mlflow.exceptions import MlflowException
-
     client = tracker.client
-    try:
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)
-    except MlflowException:
-        pass  # already registered
     source = f"runs:/{run_id}/{OUTPUT}/model"
     version = client.create_model_version(name, source=source, run_id=run_id)
     client.set_registered_model_alias(name, alias, version.version)
