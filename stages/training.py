@@ -427,7 +427,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Atomically write `out_dir/checkpoints/step-XXXXXX/` and keep only the newest `keep`.
+    """Atomically write `out_dir/checkpoints/step-<6-digit step>/` and keep only the newest `keep`.
 
     Contents: accelerate's `save_state` (model.safetensors, optimizer.bin, scheduler.bin and the RNG
     states of every process: python, numpy, torch, cuda) plus `trainer_state.json` (step, epoch,
