@@ -45,6 +45,7 @@ import copy
 import json
 import math
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -63,6 +64,7 @@ from trlm.stages.training import (
     build_scheduler,
     remove_incomplete,
     clip_gradients,
+    compile_blocks,
     collate,
     data_fingerprint,
     disable_dropout,
@@ -125,7 +127,8 @@ def sequence_logps_head(batch: dict) -> Callable:
 
 def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over a pair batch: (log-prob sums [2B], completion token counts [2B])."""
-    return model(batch["input_ids"], head=sequence_logps_head(batch), position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
+    return model(batch["input_ids"], head=sequence_logps_head(batch), position_ids=batch["position_ids"],
+                 attention_mask=batch["attention_mask"], packed_lengths=batch["packed_lengths"])
 
 
 @torch.no_grad()
@@ -208,7 +211,7 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
     data_fp = data_fingerprint(data_dir)
 
     # --- policy (and, without precomputation, a frozen reference copy) ---------------------------
-    model = load_model(model_dir, dtype)
+    model = load_model(model_dir, dtype, train.attn_implementation)
     resize_for_tokenizer(model, tokenizer)  # a no-op after stage 2, which already added <think>
     pad_id = set_end_of_turn(model, tokenizer)
     disable_dropout(model)
@@ -219,16 +222,20 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if train.compile:
+        compile_blocks(model)
     install_head_forward(model)
     optimizer = build_optimizer(model, train.learning_rate, train.weight_decay)
     scheduler = build_scheduler(optimizer, train, plan.total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # --- reference log-probs, from the starting weights (so before any resume) --------------------
-    ref_table = None
+    ref_table, reference_s = None, 0.0
     if cfg.precompute_ref_logps:
         key = {"data": data_fp, "model": read_fingerprint(model_dir) or str(model_dir.resolve()), "precision": precision}
+        started = time.perf_counter()
         ref_table = load_or_compute_reference(accelerator, model, data, cfg, key=key, out_dir=out_dir, pad_id=pad_id)
+        reference_s = time.perf_counter() - started
 
     # --- resume ----------------------------------------------------------------------------------
     step, history, runtime_s, total_tokens = 0, [], 0.0, 0.0
@@ -316,6 +323,7 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
         "steps": plan.total_steps,
         "train_runtime_s": runtime_s,
         "train_tokens_per_second": total_tokens / max(runtime_s, 1e-9),
+        "reference_logps_s": reference_s,  # this call's precompute (about 0 when reused on resume)
         "pairs": n_rows,
         "model_dir": str(out_dir / "model"),
     }

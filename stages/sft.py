@@ -63,6 +63,7 @@ from trlm.stages.training import (
     build_scheduler,
     remove_incomplete,
     clip_gradients,
+    compile_blocks,
     collate,
     data_fingerprint,
     enable_gradient_checkpointing,
@@ -115,11 +116,13 @@ def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
     data_fp = data_fingerprint(data_dir)
 
     # --- model -----------------------------------------------------------------------------------
-    model = load_model(model_dir, dtype)
+    model = load_model(model_dir, dtype, train.attn_implementation)
     added_tokens = resize_for_tokenizer(model, tokenizer)  # <think>, </think> in stage 2
     pad_id = set_end_of_turn(model, tokenizer)
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if train.compile:
+        compile_blocks(model)
     base = model  # the unwrapped model: NEFTune reads its per-token document lengths from it
     neftune = attach_neftune(base, cfg.neftune_alpha) if cfg.neftune_alpha else None
     install_head_forward(model)
@@ -158,7 +161,8 @@ def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
                     base._neftune_seq_lengths = mb["doc_lengths"]
                     head = partial(chunked_sft_loss_sum, labels=mb["labels"], loss_type=cfg.loss_type)
                     loss_sum, n_targets, n_correct = model(
-                        mb["input_ids"], head=head, position_ids=mb["position_ids"], attention_mask=mb["attention_mask"]
+                        mb["input_ids"], head=head, position_ids=mb["position_ids"], attention_mask=mb["attention_mask"],
+                        packed_lengths=mb["packed_lengths"],
                     )
                     # DDP/FSDP average gradients over processes; x num_processes turns that into a sum.
                     accelerator.backward(loss_sum / step_targets * accelerator.num_processes)

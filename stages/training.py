@@ -35,7 +35,9 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
+from einops import rearrange
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trlm.artifacts import atomic_directory, hash_file, hash_json, read_fingerprint, remove_stale_temporaries, write_fingerprint
 
@@ -83,11 +85,94 @@ def make_accelerator(precision: str):
     return accelerator, dtype, precision
 
 
-def load_model(model_dir: Path, dtype: torch.dtype):
-    """An HF causal LM from a local checkpoint, with SDPA attention (packed rows get a block mask)."""
+PACKED_SDPA = "packed_sdpa"
+
+
+_GPU_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+try:  # PyTorch >= 2.10 on CUDA: varlen flash attention over a packed row
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:
+    _varlen_attn = None
+
+
+@torch.compiler.disable  # per-document Python loop: keep it out of compiled decoder layers
+def packed_sdpa_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, position_ids=None, packed_lengths=None, **kwargs
+):
+    """Causal attention restricted to each document of a row: one SDPA call per document.
+
+    Registered with transformers as attn_implementation "packed_sdpa" (the stages' default). For a
+    padding-free row [1, sum L] the document lengths come from `packed_lengths` (passed down by the
+    stages' forward, no device sync) or else from the `position_ids` resets (collate restarts them
+    at 0). Each document runs `F.scaled_dot_product_attention(is_causal=True)` on its own piece of
+    a `split` (whose backward is one concatenation; slicing would write a full-size gradient per
+    document). The FLOPs are sum L_i^2, not (sum L_i)^2, no [T, T] mask is ever built, and on a GPU
+    every call takes the flash kernel: what a varlen flash-attention kernel does, as a Python loop.
+
+    transformers builds no mask for a registered custom kernel, so `attention_mask` is None. The
+    stages pad on the right only (collate), and under causal attention a real token never sees the
+    padding after it, so right-padded rows [B, L] need no mask: their padded positions carry labels
+    -100 and are never scored. Do not use this kernel for left-padded generation.
+
+    query [B, H, T, D], key/value [B, H_kv, T, D] -> (output [B, T, H, D], None).
+    """
+    import torch.nn.functional as F
+
+    length = query.shape[2]
+    grouped = query.shape[1] != key.shape[1]
+    on_gpu = query.device.type == "cuda"
+    if grouped and not on_gpu:  # the CPU kernels want as many K/V heads as query heads
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    options = dict(dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling, enable_gqa=grouped and on_gpu)
+    lengths = None
+    if query.shape[0] == 1 and length > 1:
+        if packed_lengths is not None:
+            lengths = [int(n) for n in packed_lengths]
+        elif position_ids is not None:
+            starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [length]
+            lengths = [b - a for a, b in zip(starts, starts[1:]) if b > a] if starts[0] == 0 else None
+    if on_gpu and lengths is not None and len(lengths) > 1 and _varlen_attn is not None:
+        # One varlen flash-attention call for all documents (PyTorch >= 2.10): [T, H, D] layout,
+        # cu_seqlens = document boundaries, window (-1, 0) = causal.
+        bounds = torch.tensor([0, *lengths], device=query.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        q, k, v = (rearrange(t[0], "h t d -> t h d").contiguous() for t in (query, key, value))
+        out = _varlen_attn(q, k, v, bounds, bounds, max(lengths), max(lengths), scale=scaling, window_size=(-1, 0))
+        return rearrange(out, "t h d -> 1 t h d"), None
+    # On a GPU: the flash kernel. cuDNN's attention (preferred by PyTorch on Hopper) builds an
+    # execution plan per new sequence length (measured: 0.18 s each on an H100), which costs more
+    # than the attention itself when every document has a different length.
+    with sdpa_kernel(_GPU_BACKENDS) if on_gpu else nullcontext():
+        if lengths is not None and len(lengths) > 1:
+            if sum(lengths) != length:
+                raise ValueError(f"packed_lengths sum to {sum(lengths)} but the row has {length} tokens")
+            pieces = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+            out = torch.cat([F.scaled_dot_product_attention(q, k, v, **options) for q, k, v in pieces], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, **options)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, attn_implementation: str = PACKED_SDPA):
+    """An HF causal LM from a local checkpoint, with an attention kernel that keeps packed documents apart.
+
+    packed_sdpa (default): one SDPA call per document, see `packed_sdpa_attention`. The kernels of
+    transformers read the position resets too: sdpa/eager with a dense block-diagonal [T, T] mask
+    (which computes every cross-document block and is 17 G entries for 32 x 4096 tokens),
+    flex_attention with a block-sparse mask (compiled), flash_attention_2 with varlen kernels
+    (needs the flash-attn package).
+    """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    register_packed_sdpa()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def register_packed_sdpa() -> None:
+    """Make "packed_sdpa" a valid `attn_implementation` for transformers models in this process."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 
 
 def load_tokenizer(path: Path):
@@ -174,16 +259,16 @@ def collate(sequences: list[tuple[np.ndarray, np.ndarray]], *, padding_free: boo
     """Sequences (input_ids, labels) -> one micro-batch.
 
     padding_free=True: all sequences are concatenated into ONE row [1, sum L]; `position_ids` restart
-      at 0 for each document. No attention mask is passed: transformers (>= 4.5x, here 5.x,
-      `masking_utils.find_packed_sequence_indices`) detects the position resets and builds a
-      block-diagonal causal mask for sdpa/eager (flash-attention derives cu_seqlens from them), so no
-      token attends across documents. The label at every document start is set to -100, so the last
+      at 0 for each document. No attention mask is passed: the attention kernel finds the
+      documents from the position resets (`packed_sdpa_attention`; transformers' own kernels do the
+      same via `masking_utils.find_packed_sequence_indices`), so no token attends across documents. The label at every document start is set to -100, so the last
       token of document k is never trained to predict the first token of document k+1. No compute
       is spent on padding.
     padding_free=False: right-padded [B, max L] rows with an attention mask; labels -100 on padding.
 
     Both forms have the same targets: `labels[t+1]` of each document for t in 0..L-2.
-    Also returns `doc_lengths` (per-token document length, for NEFTune) and `seq_lengths`.
+    Also returns `doc_lengths` (per-token document length, for NEFTune), `seq_lengths`, and
+    `packed_lengths` (the documents of the packed row for the attention kernel; None when padded).
     """
     lengths = [len(ids) for ids, _ in sequences]
     if padding_free:
@@ -200,6 +285,7 @@ def collate(sequences: list[tuple[np.ndarray, np.ndarray]], *, padding_free: boo
             "attention_mask": None,
             "doc_lengths": torch.as_tensor(doc_lengths, dtype=torch.long)[None],
             "seq_lengths": lengths,
+            "packed_lengths": lengths,
         }
     width = max(lengths)
     input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
@@ -214,6 +300,7 @@ def collate(sequences: list[tuple[np.ndarray, np.ndarray]], *, padding_free: boo
         "attention_mask": torch.as_tensor(mask),
         "doc_lengths": torch.as_tensor(lengths, dtype=torch.long),  # one length per row
         "seq_lengths": lengths,
+        "packed_lengths": None,
     }
 
 
@@ -243,13 +330,15 @@ def unpack_rows(packed: torch.Tensor, seq_lengths: list[int], pad_value: float |
 # --- the loss forward ----------------------------------------------------------------------------
 
 
-def _forward_with_head(self, input_ids, *, head: Callable, position_ids=None, attention_mask=None):
+def _forward_with_head(self, input_ids, *, head: Callable, position_ids=None, attention_mask=None, packed_lengths=None):
     """Run the transformer backbone and hand the final hidden states to `head(hidden, lm_head_weight)`.
 
     The full [B, T, V] logits are never built: the head (a chunked loss from `stages/losses.py`)
-    projects only the target positions, a chunk at a time, in fp32.
+    projects only the target positions, a chunk at a time. `packed_lengths` (a padding-free row's
+    document lengths) travels down to the attention kernel as a keyword argument.
     """
-    hidden = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    extra = {"packed_lengths": packed_lengths} if packed_lengths is not None else {}
+    hidden = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
     return head(hidden, self.lm_head.weight)
 
 
@@ -391,6 +480,20 @@ def enable_gradient_checkpointing(model) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+
+
+def compile_blocks(model) -> None:
+    """torch.compile the norms and the SwiGLU MLP of every decoder layer (and the final norm).
+
+    At width 576 the step time on a GPU is dominated by memory-bound elementwise kernels (RMSNorm,
+    SiLU x up, residual adds) over [tokens, 576|1536] tensors, not by the matmuls; compiling fuses
+    them. Only tensor-in/tensor-out modules are compiled, with dynamic sequence length, so packed
+    rows of any length reuse one graph and the per-document attention stays eager.
+    """
+    for layer in model.model.layers:
+        for block in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            block.compile(dynamic=True)
+    model.model.norm.compile(dynamic=True)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

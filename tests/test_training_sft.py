@@ -27,6 +27,7 @@ from trlm.stages.training import (
     install_head_forward,
     load_ragged,
     lr_factor,
+    register_packed_sdpa,
     resize_for_tokenizer,
     unpack_rows,
 )
@@ -80,10 +81,15 @@ def test_collate_packs_documents_and_masks_their_starts(sft_data):
     assert count_target_tokens(packed["labels"]) == count_target_tokens(padded["labels"]) == sum(n - 1 for n in lengths)
 
 
-def test_packed_loss_equals_padded_loss_and_separate_documents(sft_data):
-    """transformers 5.x + SDPA turns position resets into a block-diagonal mask: packed == padded."""
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa", "eager"])
+def test_packed_loss_equals_padded_loss_and_separate_documents(sft_data, attn):
+    """Position resets keep packed documents apart: ours (one SDPA call per document) and
+    transformers' own kernels (a block-diagonal mask): packed == padded == one document at a time."""
     torch.manual_seed(0)
+    register_packed_sdpa()
     model = make_tiny_llama().float()
+    model.set_attn_implementation(attn)
+    assert model.config._attn_implementation == attn
     install_head_forward(model)
     seqs = first_rows(sft_data, 4)
     assert len({len(s[0]) for s in seqs}) > 1, "the test needs documents of different lengths"
@@ -108,6 +114,13 @@ def test_packed_loss_equals_padded_loss_and_separate_documents(sft_data):
         loss_sum, n, _ = model(b["input_ids"], head=lambda h, w: chunked_sft_loss_sum(h, w, b["labels"]), position_ids=b["position_ids"])
         sums, count = sums + loss_sum.item(), count + int(n)
     assert sums / count == pytest.approx(packed[0], abs=1e-5)
+
+    # The stages pass the document lengths down explicitly (no device sync); same result.
+    b = collate(seqs, padding_free=True, pad_id=2)
+    with torch.no_grad():
+        explicit, n, _ = model(b["input_ids"], head=lambda h, w: chunked_sft_loss_sum(h, w, b["labels"]),
+                               position_ids=b["position_ids"], packed_lengths=b["packed_lengths"])
+    assert explicit.item() / n.item() == pytest.approx(packed[0], abs=1e-5)
 
     # Control: the same packed row WITHOUT the position resets is plain causal attention over the
     # concatenation, and the loss changes, so the equality above is the mask at work.
@@ -361,3 +374,13 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, sft_data):
     _, single = run(sft_config(max_steps=2, batch_size=4, max_grad_norm=1e9), tiny_model_dir, sft_data, tmp_path / "single")
     for a, (_, b) in zip(ddp, single):
         assert a[0] == pytest.approx(b["loss"], rel=1e-6) and a[1] == pytest.approx(b["grad_norm"], rel=1e-5) and a[2]
+
+
+def test_packed_sdpa_rejects_lengths_that_do_not_cover_the_row():
+    register_packed_sdpa()
+    model = make_tiny_llama().float()
+    model.set_attn_implementation("packed_sdpa")
+    install_head_forward(model)
+    ids = torch.randint(0, 100, (1, 10))
+    with pytest.raises(ValueError, match="sum to 9 but the row has 10"):
+        model(ids, head=lambda h, w: h.sum(), position_ids=torch.arange(10)[None], packed_lengths=[4, 5])

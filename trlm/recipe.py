@@ -96,6 +96,15 @@ class TrainConfig(Strict):
     padding_free: Bool = Field(
         True, description="concatenate a micro-batch's sequences into one row (no padding, no cross-document attention); same loss as padded batches"
     )
+    attn_implementation: Literal["packed_sdpa", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        "packed_sdpa",
+        description="attention kernel: packed_sdpa = one SDPA call per packed document (no cross-document FLOPs, no mask); "
+        "the others are transformers' (sdpa/eager build a dense [T, T] mask over a packed row)",
+    )
+
+    compile: Bool = Field(
+        False, description="torch.compile each decoder layer's norms and MLP (GPU: fuses the memory-bound elementwise work; compiling costs a minute)"
+    )
 
     @model_validator(mode="after")
     def _min_lr_only_with_its_schedule(self) -> "TrainConfig":
