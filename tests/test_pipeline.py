@@ -142,6 +142,21 @@ def test_second_run_runs_nothing(first_run, tiny_recipe):
     assert len(after) == len(before), "a cached rerun creates no stage run"
 
 
+def test_cli_rerun_reports_every_stage_cached(first_run, tiny_recipe):
+    from typer.testing import CliRunner
+
+    from trlm.cli import app
+
+    _, _, before = _stage_runs(tiny_recipe)
+    result = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe)])
+    assert result.exit_code == 0, result.output
+    assert "nothing to do, every selected stage is cached" in result.output
+    states = {line.split()[0]: line.split()[1] for line in result.output.splitlines() if line.strip().split()[:1] and line.split()[0] in STAGES}
+    assert states == dict.fromkeys(STAGES, "cached")
+    _, _, after = _stage_runs(tiny_recipe)
+    assert len(after) == len(before)
+
+
 def test_changing_dpo_beta_reruns_only_dpo_and_eval(first_run, tiny_recipe):
     from trlm.flows.pipeline import pipeline
 

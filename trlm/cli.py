@@ -72,11 +72,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _print_plan(plans, title: str) -> None:
+def _print_plan(plans, title: str, done_as: str = "done") -> None:
+    """One line per stage; `done_as="cached"` when a run found the stage's artifact and skips it."""
     typer.echo(title)
     typer.echo(f"  {'stage':<12} {'state':<8} {'key':<14} artifact")
     for p in plans:
-        typer.echo(f"  {p.stage:<12} {p.state:<8} {(p.key or '-')[:12]:<14} {p.artifact_path or p.note or '-'}")
+        state = done_as if p.state == "done" else p.state
+        typer.echo(f"  {p.stage:<12} {state:<8} {(p.key or '-')[:12]:<14} {p.artifact_path or p.note or '-'}")
 
 
 def _prefect_server_up(url: str = "127.0.0.1", port: int = 4200) -> bool:
@@ -120,7 +122,8 @@ def run(
                   f"(no finished artifact for the current config and inputs). Run `trlm run --from {upstream}` first.")
     todo = [s for s in wanted if by_stage[s].state != "done" or s in (force or [])]
     if not todo:
-        _print_plan([by_stage[s] for s in STAGES], f"recipe {r.name}: nothing to do, every selected stage is cached ({time.time() - t0:.1f}s)")
+        _print_plan([by_stage[s] for s in wanted], f"recipe {r.name}: nothing to do, every selected stage is cached ({time.time() - t0:.1f}s)",
+                    done_as="cached")
         _where_to_look(r)
         return
     if "PREFECT_API_URL" not in os.environ and _prefect_server_up():
@@ -257,6 +260,13 @@ def up(recipe: RecipeOpt = None,
         _fail(f"server(s) did not start within 90 s: {', '.join(pending)}; see logs in {logs}")
     typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   (API http://127.0.0.1:{prefect_port}/api)")
     typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {r.resolved_tracking_uri})")
+    # MLflow 3's UI opens an experiment on its GenAI (traces) view: link the training-runs list directly.
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(r.resolved_tracking_uri).get_experiment_by_name(r.experiment)
+    if experiment is not None:
+        typer.echo(f"  runs:     http://127.0.0.1:{mlflow_port}/#/experiments/{experiment.experiment_id}/runs   (expand a pipeline run for its stages)")
+        typer.echo(f"  registry: http://127.0.0.1:{mlflow_port}/#/models/{r.name}")
     typer.echo(f"`trlm run` finds the Prefect server on port 4200 by itself. Logs and pids: {logs}. Stop: trlm down")
 
 
