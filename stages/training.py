@@ -132,6 +132,8 @@ def packed_sdpa_attention(
         elif position_ids is not None:
             starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [length]
             lengths = [b - a for a, b in zip(starts, starts[1:]) if b > a] if starts[0] == 0 else None
+    if lengths is not None and sum(lengths) != length:  # checked once, for the varlen and the loop paths
+        raise ValueError(f"packed_lengths sum to {sum(lengths)} but the row has {length} tokens")
     if on_gpu and lengths is not None and len(lengths) > 1 and _varlen_attn is not None:
         # One varlen flash-attention call for all documents (PyTorch >= 2.10): [T, H, D] layout,
         # cu_seqlens = document boundaries, window (-1, 0) = causal.
@@ -144,8 +146,6 @@ def packed_sdpa_attention(
     # than the attention itself when every document has a different length.
     with sdpa_kernel(_GPU_BACKENDS) if on_gpu else nullcontext():
         if lengths is not None and len(lengths) > 1:
-            if sum(lengths) != length:
-                raise ValueError(f"packed_lengths sum to {sum(lengths)} but the row has {length} tokens")
             pieces = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
             out = torch.cat([F.scaled_dot_product_attention(q, k, v, **options) for q, k, v in pieces], dim=2)
         else:
