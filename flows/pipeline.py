@@ -61,6 +61,8 @@ def _publish(tracker: Tracker, outcome: StageOutcome, headline: dict[str, float]
     key = outcome.stage.replace("_", "-")
     link = _run_link(tracker, outcome.run_id)
     state = "cached" if outcome.cached else "ran"
+    if outcome.reproduced is not None:  # a forced rerun
+        state += ", forced: " + ("reproduces the previous run bit for bit" if outcome.reproduced else "output DIFFERS from the previous run")
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in headline.items())
     curves = f"\n\nLoss/reward curves: [{plot.name}]({link}) (MLflow run artifacts, `plots/`)" if plot else ""
     create_markdown_artifact(
@@ -327,4 +329,4 @@ def pipeline(
         tracker.client.set_tag(parent_id, "trlm.error", str(exc)[-5000:])
         tracker.client.set_terminated(parent_id, "FAILED")
         raise
-    return {s: {k: v for k, v in o.items() if k in ("run_id", "artifact_uri", "cached", "key", "path")} for s, o in upstream.items()}
+    return {s: {k: v for k, v in o.items() if k in ("run_id", "artifact_uri", "cached", "key", "path", "reproduced")} for s, o in upstream.items()}

@@ -20,7 +20,8 @@ What it does, top to bottom (`train_dpo`):
    Every `logging_steps`: `on_log(metrics, step)` with loss, rewards/chosen, rewards/rejected,
    rewards/accuracies (strict >), rewards/margins, logps/chosen, logps/rejected, grad_norm,
    learning_rate, tokens_per_second, pairs_per_second, epoch. Checkpoints as in SFT.
-5. Write `out_dir/model/`, `metrics.json`, then `fingerprint.json` last.
+5. Write `out_dir/model/`, `metrics.json`, then `fingerprint.json` last; then delete
+   `checkpoints/` unless `keep_checkpoints`.
 
 Trade-offs:
 * Precomputed reference log-probs cost one extra forward pass over the data up front (~1/3 of a
@@ -328,7 +329,7 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
         "model_dir": str(out_dir / "model"),
     }
     if is_main:
-        finish_stage(out_dir, summary, history, meta={"stage": "dpo", **env_summary(accelerator, precision)})
+        finish_stage(out_dir, summary, history, meta={"stage": "dpo", **env_summary(accelerator, precision)}, keep_checkpoints=train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return summary
 

@@ -20,7 +20,7 @@ What it does, top to bottom (`train_sft`):
    `save_steps` and at the end: an atomic checkpoint (model, optimizer, scheduler, RNG, data
    position).
 7. Write `out_dir/model/` (HF safetensors + tokenizer + generation config), `metrics.json`, then
-   `fingerprint.json` last.
+   `fingerprint.json` last; then delete `checkpoints/` unless `keep_checkpoints`.
 
 Trade-offs:
 * Padding-free batching (default) packs a micro-batch into one row: no compute on padding, the
@@ -230,7 +230,7 @@ def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
         "model_dir": str(out_dir / "model"),
     }
     if is_main:
-        finish_stage(out_dir, summary, history, meta={"stage": "sft", **env_summary(accelerator, precision)})
+        finish_stage(out_dir, summary, history, meta={"stage": "sft", **env_summary(accelerator, precision)}, keep_checkpoints=train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return summary
 

@@ -40,6 +40,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trlm.artifacts import atomic_directory, hash_file, hash_json, read_fingerprint, remove_stale_temporaries, write_fingerprint
+from trlm.recipe import output_config
 
 IGNORE_INDEX = -100
 CHECKPOINTS = "checkpoints"
@@ -587,7 +588,7 @@ def load_checkpoint(accelerator, checkpoint: Path, cfg, *, data_fp: str) -> dict
 
 
 def config_hash(cfg) -> str:
-    return hash_json(cfg.model_dump(mode="json"))
+    return hash_json(output_config(cfg))
 
 
 # --- final artifact ------------------------------------------------------------------------------
@@ -608,11 +609,18 @@ def export_model(accelerator, model, tokenizer, out_dir: Path) -> Path:
     return final
 
 
-def finish_stage(out_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Write `metrics.json` (summary + full history), then `fingerprint.json` LAST (main process)."""
+def finish_stage(out_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]], meta: dict[str, Any], *, keep_checkpoints: bool) -> None:
+    """Write `metrics.json` (summary + full history), then `fingerprint.json` LAST (main process).
+
+    Then, unless `keep_checkpoints`, delete `checkpoints/`: a finished stage never resumes, and its
+    optimizer state is about twice the model (GBs per stage even for the smoke run). The
+    fingerprint never covers checkpoints, so a kill during the deletion leaves a finished stage.
+    """
     out_dir = Path(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
     write_fingerprint(out_dir, meta=meta)
+    if not keep_checkpoints:
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
 
 
 def finished_summary(out_dir: Path) -> dict[str, Any] | None:

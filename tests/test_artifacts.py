@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from trlm.artifacts import (
     hash_directory,
     hash_file,
     hash_json,
+    part_fingerprint,
     read_fingerprint,
     remove_stale_temporaries,
     stage_key,
@@ -225,3 +227,23 @@ def test_remove_stale_temporaries(tmp_path):
     remove_stale_temporaries(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
     remove_stale_temporaries(tmp_path / "missing")  # no error
+
+
+def test_part_fingerprint_is_the_sub_directory_alone(tmp_path):
+    d = tmp_path / "stage"
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "weights.bin").write_bytes(b"w")
+    (d / "model" / "config.json").write_text("{}")
+    (d / "metrics.json").write_text('{"runtime_s": 1.0}')
+    write_fingerprint(d)
+    alone = tmp_path / "alone"
+    shutil.copytree(d / "model", alone)
+    assert part_fingerprint(d, "model") == write_fingerprint(alone)
+    # timings elsewhere in the stage directory do not change the model's fingerprint
+    model_fp, stage_fp = part_fingerprint(d, "model"), read_fingerprint(d)
+    (d / "metrics.json").write_text('{"runtime_s": 2.0}')
+    assert write_fingerprint(d) != stage_fp and part_fingerprint(d, "model") == model_fp
+    (d / "model" / "weights.bin").write_bytes(b"W")
+    write_fingerprint(d)
+    assert part_fingerprint(d, "model") != model_fp
+    assert part_fingerprint(d, "missing") is None and part_fingerprint(tmp_path / "nowhere", "model") is None

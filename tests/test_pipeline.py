@@ -165,6 +165,32 @@ def test_changing_dpo_beta_reruns_only_dpo_and_eval(first_run, tiny_recipe):
     assert again["sft-think"]["run_id"] == first_run["sft-think"]["run_id"]
 
 
+def test_forced_rerun_reproduces_and_keeps_downstream_cached(first_run, tiny_recipe):
+    """`--force sft-think` retrains it; on CPU in fp32 the weights come out bit for bit the same, so
+    the run is tagged reproduced and dpo/eval (keyed by the model's fingerprint) stay cached."""
+    from typer.testing import CliRunner
+
+    from trlm.cli import app
+    from trlm.lineage import TAG_REPRODUCED, TAG_RERUN_OF
+
+    _, _, before = _stage_runs(tiny_recipe)
+    result = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--force", "sft-think"])
+    assert result.exit_code == 0, result.output
+    assert "forced sft-think: reproduces the previous run" in result.output
+    _, _, after = _stage_runs(tiny_recipe)
+    new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+    assert [r.data.tags["trlm.stage"] for r in new] == ["sft-think"], "only the forced stage ran"
+    rerun = new[0]
+    assert rerun.data.tags[TAG_REPRODUCED] == "true"
+    assert rerun.data.tags[TAG_RERUN_OF] == first_run["sft-think"]["run_id"]
+    previous = next(r for r in before if r.info.run_id == first_run["sft-think"]["run_id"])
+    assert rerun.data.tags["trlm.output_fingerprint.model"] == previous.data.tags["trlm.output_fingerprint.model"]
+    # the fingerprint handed on is the model directory's, while the stage directories differ (timings)
+    assert json.loads((Path(rerun.info.artifact_uri.removeprefix("file://")) / "output" / "fingerprint.json").read_text())["fingerprint"] != \
+        json.loads((Path(first_run["sft-think"]["path"]) / "fingerprint.json").read_text())["fingerprint"]
+    assert not (Path(first_run["sft-think"]["path"]) / "checkpoints").exists(), "finished stages drop their checkpoints"
+
+
 def test_cache_key_is_stable_across_processes(first_run, tiny_recipe):
     code = (
         "import json,sys; from trlm.recipe import load_recipe; from trlm.lineage import plan, setup_tracking;"
@@ -185,3 +211,35 @@ def test_only_dpo_without_upstream_fails_clearly(tmp_path, tiny_model_dir, share
     assert result.exit_code == 2
     assert "sft-think" in result.output or "data-prep" in result.output
     assert "trlm run --from" in result.output
+
+
+def test_resumed_stage_run_does_not_log_replayed_steps_twice(tiny_recipe, tmp_path):
+    """A killed stage resumes from its last checkpoint and replays the steps after it; MLflow keeps
+    one point per step (the first), and the resumed run finishes in the same MLflow run."""
+    from trlm.lineage import Tracker, run_stage
+
+    recipe = load_recipe(str(tiny_recipe))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume-test", tmp_path)
+    calls = []
+
+    def execute(out: Path, on_log) -> dict:
+        calls.append(out)
+        first = len(calls) == 1
+        for step in (1, 2, 3) if first else (2, 3, 4):  # the retry resumes from a checkpoint at step 1
+            on_log({"loss": 10.0 - step - (0.5 if not first else 0.0)}, step)
+            if first and step == 3:
+                raise RuntimeError("killed")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text("{}")
+        from trlm.artifacts import write_fingerprint
+
+        write_fingerprint(out)
+        return {}
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stage(tracker, recipe, "eval:test", "k" * 64, {"model": "m"}, execute, parent_run_id=None)
+    outcome = run_stage(tracker, recipe, "eval:test", "k" * 64, {"model": "m"}, execute, parent_run_id=None)
+    assert calls[0] == calls[1], "the retry continues in the same artifact directory"
+    history = tracker.client.get_metric_history(outcome.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 5.5)]
+    assert tracker.client.get_run(outcome.run_id).info.status == "FINISHED"

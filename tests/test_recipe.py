@@ -304,3 +304,15 @@ def test_recipe_dump_round_trips(tmp_path):
     again = load_recipe(str(path))
     assert again == r
     assert json.dumps(recipe_to_dict(again), sort_keys=True) == json.dumps(recipe_to_dict(r), sort_keys=True)
+
+
+def test_stage_config_in_the_cache_key_ignores_where_checkpoints_are_kept():
+    from trlm.lineage import stage_config
+
+    plain = load_recipe("offline-smoke")
+    kept = load_recipe("offline-smoke", ["sft_general.train.keep_checkpoints=true"])
+    faster = load_recipe("offline-smoke", ["sft_general.train.learning_rate=1e-3"])
+    assert kept.sft_general.train.keep_checkpoints and not plain.sft_general.train.keep_checkpoints
+    assert stage_config(kept, "sft-general") == stage_config(plain, "sft-general")
+    assert "keep_checkpoints" not in stage_config(plain, "sft-general")["train"]
+    assert stage_config(faster, "sft-general") != stage_config(plain, "sft-general")

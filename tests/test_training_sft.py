@@ -275,8 +275,10 @@ def test_resume_after_crash_is_bit_identical(tmp_path, tiny_model_dir, sft_data,
     run's exactly. NEFTune is on, so the RNG state must be restored too; accumulation 2 and 1.5
     epochs exercise the data position. A `.tmp-*` directory and a step dir without its completion
     marker (what a kill during a save leaves) are ignored and removed."""
-    cfg = sft_config(max_steps=6, batch_size=2, grad_accum_steps=2, save_steps=2, save_total_limit=2, neftune_alpha=5.0, lr_scheduler="cosine", warmup_ratio=0.2)
+    settings = dict(max_steps=6, batch_size=2, grad_accum_steps=2, save_steps=2, save_total_limit=2, neftune_alpha=5.0, lr_scheduler="cosine", warmup_ratio=0.2)
+    cfg = sft_config(**settings)
     _, full_logs = run(cfg, tiny_model_dir, sft_data, tmp_path / "full")
+    assert not (tmp_path / "full" / CHECKPOINTS).exists(), "a finished stage drops its checkpoints by default"
 
     out = tmp_path / "resumed"
     with pytest.raises(Crash):
@@ -292,7 +294,8 @@ def test_resume_after_crash_is_bit_identical(tmp_path, tiny_model_dir, sft_data,
         fake.mkdir()
         (fake / "trainer_state.json").write_text(json.dumps({"step": 8}))
 
-    _, resumed_logs = run(cfg, tiny_model_dir, sft_data, out)
+    # keep_checkpoints changes no output, so flipping it does not block the resume
+    _, resumed_logs = run(sft_config(**settings, keep_checkpoints=True), tiny_model_dir, sft_data, out)
     assert [s for s, _ in resumed_logs] == [5, 6]  # continued after step 4
     full, resumed = model_state(tmp_path / "full" / "model"), model_state(out / "model")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -300,7 +303,7 @@ def test_resume_after_crash_is_bit_identical(tmp_path, tiny_model_dir, sft_data,
         assert a["loss"] == b["loss"] and a["learning_rate"] == b["learning_rate"]
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["step"] for h in history] == list(range(1, 7))
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004", "step-000006"]  # save_total_limit=2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004", "step-000006"]  # kept; save_total_limit=2
 
 
 def test_finished_stage_returns_saved_summary(tmp_path, tiny_model_dir, sft_data, monkeypatch):

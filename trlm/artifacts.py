@@ -85,6 +85,23 @@ def read_fingerprint(directory: str | Path) -> str | None:
     return fingerprint if isinstance(fingerprint, str) else None
 
 
+def part_fingerprint(directory: str | Path, part: str) -> str | None:
+    """The fingerprint of the sub-directory `part` of a complete artifact directory, from its record.
+
+    Equal to `write_fingerprint` of that sub-directory alone. Stages hand on `model/`'s fingerprint,
+    not the whole directory's: `metrics.json` holds timings, so a rerun that reproduces the weights
+    bit for bit would otherwise look like a new model and invalidate every downstream stage.
+    """
+    path = Path(directory) / FINGERPRINT_FILE
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    prefix = part.rstrip("/") + "/"
+    inside = {k.removeprefix(prefix): v for k, v in files.items() if k.startswith(prefix)}
+    return hash_json(inside) if inside else None
+
+
 def verify_fingerprint(directory: str | Path) -> bool:
     """Re-hash the directory and compare with its recorded fingerprint (detects edits and truncation)."""
     path = Path(directory) / FINGERPRINT_FILE

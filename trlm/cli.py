@@ -132,11 +132,15 @@ def run(
 
     recipe_ref = recipe or DEFAULT_RECIPE
     try:
-        pipeline(recipe=recipe_ref, overrides=overrides, only=only, from_stage=from_stage, force=list(force or []))
+        outcomes = pipeline(recipe=recipe_ref, overrides=overrides, only=only, from_stage=from_stage, force=list(force or []))
     except Exception as exc:  # the flow already marked the MLflow runs FAILED
         typer.echo(f"error: pipeline failed: {exc}", err=True)
         raise typer.Exit(1) from None
     _print_plan(plan(r, tracker), f"recipe {r.name}: finished in {time.time() - t0:.0f}s")
+    for stage, outcome in outcomes.items():
+        if outcome.get("reproduced") is not None:  # forced reruns of a finished stage
+            verdict = "reproduces the previous run: same output fingerprints" if outcome["reproduced"] else "does NOT reproduce the previous run: output fingerprints differ"
+            typer.echo(f"  forced {stage}: {verdict} (MLflow tag trlm.reproduced on run {outcome['run_id']})")
     _print_report(r, tracker)
     _where_to_look(r)
 

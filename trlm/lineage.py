@@ -11,6 +11,10 @@ it (no copy); with a remote store it writes to a staging directory and uploads. 
 `runs:/<id>/output` and resolve it through MLflow (a local path for local stores, a download
 otherwise).
 
+A training stage's output fingerprint is that of its `model/` directory alone, so a forced rerun
+that reproduces the weights leaves downstream keys unchanged; the rerun is tagged with whether it
+reproduced the run it replaced (`trlm.reproduced`).
+
 No Prefect here: the CLI's `status` and the flow both use this module.
 """
 
@@ -27,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
-from trlm.artifacts import hash_json, read_fingerprint, stage_key
-from trlm.recipe import STAGES, Recipe
+from trlm.artifacts import hash_json, part_fingerprint, read_fingerprint, stage_key
+from trlm.recipe import STAGES, Recipe, output_config
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ TAG_STAGE = "trlm.stage"
 TAG_RECIPE = "trlm.recipe"
 TAG_OUTPUT_FP = "trlm.output_fingerprint"
 TAG_KIND = "trlm.kind"
+TAG_RERUN_OF = "trlm.rerun_of"  # a forced rerun: the FINISHED run of the same key it reran
+TAG_REPRODUCED = "trlm.reproduced"  # "true" when its outputs' fingerprints equal that run's
 OUTPUT = "output"
 
 
@@ -71,7 +77,7 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
         return data_prep_config(recipe)
     if stage.startswith("eval:"):  # one evaluated model
         return recipe.eval.model_dump(mode="json")
-    cfg = recipe.stage_config(stage).model_dump(mode="json")
+    cfg = output_config(recipe.stage_config(stage)) if stage in MODEL_INPUT else recipe.stage_config(stage).model_dump(mode="json")
     if stage != "eval":
         cfg.pop("data")
     return cfg
@@ -273,23 +279,35 @@ class StageOutcome:
     outputs: dict[str, str]
     cached: bool
     summary: dict[str, Any] = field(default_factory=dict)
+    reproduced: bool | None = None  # forced reruns only: same outputs as the run it replaces?
 
 
 class MetricLogger:
-    """The plain on_log(metrics, step) callback the stages take, forwarding to MLflow (batched)."""
+    """The plain on_log(metrics, step) callback the stages take, forwarding to MLflow (batched).
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id, self.history = client, run_id, []
+    A resumed run restarts from its last checkpoint, so it replays steps it logged before the
+    crash; those (step <= `logged_through`) are not logged again, or MLflow would chart each twice.
+    """
+
+    def __init__(self, client, run_id: str, logged_through: int | None = None):
+        self.client, self.run_id, self.logged_through = client, run_id, logged_through
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if self.logged_through is not None and step <= self.logged_through:
+            return
         ts = int(time.time() * 1000)
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.history.append({"step": step, **clean})
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in clean.items()], synchronous=True)
+
+
+def last_logged_step(client, run) -> int | None:
+    """The highest step with a metric in `run` (None if it logged none)."""
+    steps = [m.step for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)]
+    return max(steps) if steps else None
 
 
 def run_stage(
@@ -307,18 +325,19 @@ def run_stage(
     """Skip if done; else resume an unfinished run of the same key or start one; mark FINISHED/FAILED."""
     from mlflow.entities import Param, RunTag
 
-    if not force:
-        done = tracker.find_done(stage, key)
-        if done is not None:
-            log.info("%s: cached (key %s, run %s)", stage, key[:12], done.info.run_id)
-            local = tracker.local_artifact_dir(done)
-            return StageOutcome(stage, key, done.info.run_id, tracker.artifact_uri(done), str(local / OUTPUT) if local else "", run_outputs(done), True)
+    done = tracker.find_done(stage, key)
+    if done is not None and not force:
+        log.info("%s: cached (key %s, run %s)", stage, key[:12], done.info.run_id)
+        local = tracker.local_artifact_dir(done)
+        return StageOutcome(stage, key, done.info.run_id, tracker.artifact_uri(done), str(local / OUTPUT) if local else "", run_outputs(done), True)
     # --force skips the FINISHED run, but still resumes an unfinished (killed) run of the same key.
     run = tracker.find_resumable(stage, key)
     client = tracker.client
+    logged_through = None
     if run is not None:
         log.info("%s: resuming unfinished run %s", stage, run.info.run_id)
         client.update_run(run.info.run_id, status="RUNNING")
+        logged_through = last_logged_step(client, run)
     else:
         tags = {TAG_KEY: key, TAG_STAGE: stage, TAG_RECIPE: recipe.name, TAG_KIND: "stage", "mlflow.runName": f"{stage}-{key[:8]}"}
         if parent_run_id:
@@ -332,14 +351,25 @@ def run_stage(
         client.set_tag(run_id, k, v)
     out = tracker.output_dir_for_writing(run)
     out.parent.mkdir(parents=True, exist_ok=True)
-    logger = MetricLogger(client, run_id)
+    logger = MetricLogger(client, run_id, logged_through)
     try:
         summary = execute(out, logger)
         fingerprint = read_fingerprint(out)
         if fingerprint is None:
             raise RuntimeError(f"{stage} finished without writing {out}/fingerprint.json")
-        outputs = {"model" if stage in MODEL_INPUT else "all": fingerprint, **summary.pop("_outputs", {})}
-        client.log_batch(run_id, tags=[RunTag(f"{TAG_OUTPUT_FP}.{k}", v) for k, v in outputs.items()], synchronous=True)
+        # Training stages hand on the fingerprint of `model/` alone (not of metrics.json's timings).
+        model_fp = part_fingerprint(out, "model") if stage in MODEL_INPUT else None
+        if stage in MODEL_INPUT and model_fp is None:
+            raise RuntimeError(f"{stage} finished without a model/ directory in {out}")
+        outputs = {"model": model_fp} if model_fp else {"all": fingerprint}
+        outputs |= summary.pop("_outputs", {})
+        tags = [RunTag(f"{TAG_OUTPUT_FP}.{k}", v) for k, v in outputs.items()]
+        reproduced = reproduces(done, outputs) if done is not None else None
+        if reproduced is not None:
+            tags += [RunTag(TAG_RERUN_OF, done.info.run_id), RunTag(TAG_REPRODUCED, str(reproduced).lower())]
+            log.info("%s: forced rerun %s run %s (%s)", stage, "REPRODUCES" if reproduced else "does NOT reproduce", done.info.run_id,
+                     "same output fingerprints" if reproduced else "output fingerprints differ")
+        client.log_batch(run_id, tags=tags, synchronous=True)
         if tracker.local_artifact_dir(run) is None:
             client.log_artifacts(run_id, str(out), OUTPUT)
         client.set_terminated(run_id, "FINISHED")
@@ -348,7 +378,20 @@ def run_stage(
         client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     log.info("%s: done (run %s)", stage, run_id)
-    return StageOutcome(stage, key, run_id, tracker.artifact_uri(run), str(out), outputs, False, summary)
+    return StageOutcome(stage, key, run_id, tracker.artifact_uri(run), str(out), outputs, False, summary, reproduced)
+
+
+def reproduces(previous, outputs: dict[str, str]) -> bool | None:
+    """Does a forced rerun give the same outputs as the FINISHED run of the same key?
+
+    Compared: what downstream stages consume (the model of a training stage, the per-stage data of
+    data-prep). None where the output is only a whole-directory hash with timings in it (eval).
+    """
+    compared = {k: v for k, v in outputs.items() if k != "all"}
+    if not compared:
+        return None
+    before = run_outputs(previous)
+    return all(before.get(k) == v for k, v in compared.items())
 
 
 def register_model(tracker: Tracker, name: str, run_id: str, alias: str = "candidate") -> int:

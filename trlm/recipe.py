@@ -93,6 +93,11 @@ class TrainConfig(Strict):
     logging_steps: PositiveInt = 1
     save_steps: PositiveInt = 500
     save_total_limit: PositiveInt = 2
+    keep_checkpoints: Bool = Field(
+        False,
+        description="keep checkpoints/ (weights + optimizer state, about 3x the model) once the final model is written; "
+        "off: deleted then, since a finished stage never resumes. Not part of the stage's cache key.",
+    )
     padding_free: Bool = Field(
         True, description="concatenate a micro-batch's sequences into one row (no padding, no cross-document attention); same loss as padded batches"
     )
@@ -111,6 +116,16 @@ class TrainConfig(Strict):
         if self.min_lr_rate and self.lr_scheduler != "cosine_with_min_lr":
             raise ValueError("min_lr_rate is only used by lr_scheduler 'cosine_with_min_lr'")
         return self
+
+
+# Settings that change where files are kept, never what a stage computes: left out of the stage's
+# cache key and of the resume check, so flipping them neither reruns a stage nor blocks a resume.
+NOT_IN_KEY = {"train": {"keep_checkpoints"}}
+
+
+def output_config(cfg: "SFTStageConfig | DPOStageConfig") -> dict[str, Any]:
+    """The stage config as JSON, minus NOT_IN_KEY: what the stage's output depends on."""
+    return cfg.model_dump(mode="json", exclude=NOT_IN_KEY)
 
 
 class SFTStageConfig(Strict):
