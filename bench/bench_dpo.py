@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, base_model_dir, data_root, machine, median_rate, print_table, quiet, write_json  # noqa: E402
+from common import PeakRSS, base_model_dir, data_root, machine, median_rate, print_table, quiet, scratch_dir, write_json  # noqa: E402
 
 
 def load_pairs(root: Path, tokenizer, n: int, max_length: int) -> list[dict]:
@@ -165,7 +165,7 @@ def main() -> None:
     model_dir = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs = load_pairs(data_root(), tokenizer, args.pairs, args.max_length)
-    work = Path(tempfile.mkdtemp(prefix="trlm-bench-dpo-"))
+    work = scratch_dir("trlm-bench-dpo-")
     data_dir = write_our_data(pairs, tokenizer, work / "data")
     agree = pairs[: args.batch]
     agree_dir = write_our_data(agree, tokenizer, work / "agree")

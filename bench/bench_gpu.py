@@ -29,6 +29,7 @@ Usage (on a GPU machine, after `pip install -e .`):
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import shutil
 import statistics
@@ -187,6 +188,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     work = Path(tempfile.mkdtemp(prefix="trlm-bench-gpu-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the model and data written below
     model_dir, tokenizer_dir = prepare_model(args, work)
     config = AutoConfig.from_pretrained(model_dir)
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; precision {args.precision}; "

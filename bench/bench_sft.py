@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, base_model_dir, data_root, machine, median_rate, print_table, quiet, write_json  # noqa: E402
+from common import PeakRSS, base_model_dir, data_root, machine, median_rate, print_table, quiet, scratch_dir, write_json  # noqa: E402
 
 
 def load_chats(root: Path, rows: int) -> list[list[dict]]:
@@ -135,7 +135,7 @@ def main() -> None:
     model_dir = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sequences = tokenize(tokenizer, load_chats(data_root(), args.rows), args.max_length)
-    work = Path(tempfile.mkdtemp(prefix="trlm-bench-sft-"))
+    work = scratch_dir("trlm-bench-sft-")
     data_dir = write_our_data(sequences, tokenizer, work / "data")
     agree_dir = write_our_data(sequences[: args.batch], tokenizer, work / "agree")
     print(f"machine: {machine()}; model: {model_dir}; {len(sequences)} GSM8K chats, max_length {args.max_length}, "

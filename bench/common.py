@@ -6,10 +6,13 @@ the product.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +25,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary work directory, deleted when the script exits (each run writes GBs of checkpoints)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 def base_model_dir(recipe: str | None = None) -> Path:
