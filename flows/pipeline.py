@@ -22,6 +22,7 @@ import subprocess
 from importlib import resources
 import sys
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -154,6 +155,27 @@ def _prefect_tags() -> dict[str, str]:
     return tags
 
 
+def run_stage_process(cmd: list[str], out: Path, on_log, log_line: Callable[[str], None]) -> dict:
+    """Run a stage's CLI (`python -m trlm.stages.sft ...`, possibly under `accelerate launch`) and
+    stream its output: every line goes to `log_line`, and the per-step metric lines it prints
+    (`{"step": N, ...}` JSON) go to `on_log`, so MLflow charts the run live as in-process runs.
+    Returns the summary the stage saved in `out/metrics.json`."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            text = line.rsplit("\r", 1)[-1].strip()  # a progress bar redraw may share the line
+            if text:
+                log_line(text)
+            if text.startswith('{"step"'):
+                try:
+                    metrics = json.loads(text)
+                except ValueError:
+                    continue
+                on_log({k: v for k, v in metrics.items() if k != "step"}, int(metrics["step"]))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited with {proc.returncode}")
+    return json.loads((out / "metrics.json").read_text())["summary"]
+
+
 def _train(stage: str, recipe: Recipe, ref: dict, model_dir: Path, data_dir: Path, out: Path, on_log) -> dict:
     """In-process on CPU / one device; under `accelerate launch` when several GPUs are visible."""
     import torch
@@ -164,14 +186,7 @@ def _train(stage: str, recipe: Recipe, ref: dict, model_dir: Path, data_dir: Pat
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", module,
                "--recipe", ref["recipe"], "--stage", stage, "--model-dir", str(model_dir), "--data-dir", str(data_dir), "--out-dir", str(out),
                *[a for o in ref["overrides"] for a in ("--set", o)]]
-        env = {**os.environ, "MLFLOW_RUN_ID": on_log.run_id, "MLFLOW_TRACKING_URI": recipe.resolved_tracking_uri}
-        logger = get_run_logger()
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-            for line in proc.stdout:
-                logger.info(line.rstrip())
-        if proc.returncode != 0:
-            raise RuntimeError(f"{stage}: accelerate launch exited with {proc.returncode}")
-        return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        return run_stage_process(cmd, out, on_log, get_run_logger().info)
     cfg = recipe.stage_config(stage)
     if stage == "dpo":
         from trlm.stages.dpo import train_dpo

@@ -79,17 +79,16 @@ from trlm.stages.training import (
     load_checkpoint,
     load_model,
     load_ragged,
-    load_stage_config,
     load_tokenizer,
     make_accelerator,
     micro_batch_rows,
+    parse_stage_args,
     plan_steps,
     progress_bar,
     reduce_sums,
     resize_for_tokenizer,
     save_checkpoint,
     set_end_of_turn,
-    stage_argument_parser,
     to_device,
     trainer_state,
     unpack_rows,
@@ -337,8 +336,7 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
 def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
-    args = stage_argument_parser("Preference optimisation stage (dpo).", "dpo").parse_args(argv)
-    cfg = load_stage_config(args, DPOStageConfig)
+    args, cfg = parse_stage_args(argv, "Preference optimisation stage (dpo).", "dpo", DPOStageConfig)
 
     def print_metrics(metrics: dict[str, float], step: int) -> None:
         tqdm.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}))

@@ -83,14 +83,13 @@ from trlm.stages.training import (
     load_tokenizer,
     make_accelerator,
     micro_batch_rows,
+    parse_stage_args,
     plan_steps,
     progress_bar,
     reduce_sums,
     resize_for_tokenizer,
     save_checkpoint,
     set_end_of_turn,
-    stage_argument_parser,
-    load_stage_config,
     to_device,
     trainer_state,
 )
@@ -238,8 +237,7 @@ def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
 def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
-    args = stage_argument_parser("Supervised fine-tuning stage (sft-general / sft-think).", "sft-general").parse_args(argv)
-    cfg = load_stage_config(args, SFTStageConfig)
+    args, cfg = parse_stage_args(argv, "Supervised fine-tuning stage (sft-general / sft-think).", "sft-general", SFTStageConfig)
 
     def print_metrics(metrics: dict[str, float], step: int) -> None:
         tqdm.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}))

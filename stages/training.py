@@ -13,7 +13,7 @@ the pieces both loops need, each a small function:
                               `latest_checkpoint`, `load_checkpoint`, `export_model`,
                               `finish_stage`, `finished_summary`
 * logging                     `Stopwatch`, `reduce_sums`, `progress_bar`
-* entry points                `stage_argument_parser`, `load_stage_config`
+* entry points                `stage_argument_parser`, `parse_stage_args`
 
 Conventions: token lists are `labels`-aligned (`labels[t] = input_ids[t]` where trained, -100
 elsewhere; position t predicts labels[t + 1]); a "micro-batch" is what one process runs in one
@@ -685,19 +685,37 @@ def stage_argument_parser(description: str, default_stage: str) -> argparse.Argu
     return parser
 
 
-def load_stage_config(args: argparse.Namespace, config_cls):
-    """The stage config from `--config FILE` (JSON/YAML) or `--recipe NAME --stage STAGE`."""
-    import yaml
+def parse_stage_args(argv: list[str] | None, description: str, default_stage: str, config_cls):
+    """Parse a stage CLI's arguments and load its config; every input problem exits with code 2 and
+    one message (missing file or directory, invalid config, wrong stage) before any compute."""
+    from pydantic import ValidationError
 
+    from trlm.recipe import RecipeError, format_validation_error, load_recipe
+
+    parser = stage_argument_parser(description, default_stage)
+    args = parser.parse_args(argv)
+    if not (args.model_dir / "config.json").is_file():
+        parser.error(f"--model-dir {args.model_dir}: no config.json there (want a Hugging Face checkpoint directory)")
+    if not (args.data_dir / "train.parquet").is_file():
+        parser.error(f"--data-dir {args.data_dir}: no train.parquet there (want a directory written by data-prep)")
     if args.config is not None:
-        return config_cls.model_validate(yaml.safe_load(Path(args.config).read_text()))
-    from trlm.recipe import load_recipe
+        import yaml
 
-    recipe = load_recipe(args.recipe, overrides=args.set, check_files=False)
-    cfg = recipe.stage_config(args.stage)
+        if not args.config.is_file():
+            parser.error(f"--config {args.config}: no such file")
+        try:
+            return args, config_cls.model_validate(yaml.safe_load(args.config.read_text()))
+        except (ValidationError, yaml.YAMLError) as exc:
+            detail = format_validation_error(str(args.config), exc) if isinstance(exc, ValidationError) else str(exc)
+            parser.error(detail)
+    try:
+        recipe = load_recipe(args.recipe, overrides=args.set, check_files=False)
+        cfg = recipe.stage_config(args.stage)
+    except (RecipeError, ValueError) as exc:
+        parser.error(str(exc))
     if not isinstance(cfg, config_cls):
-        raise SystemExit(f"stage {args.stage!r} has a {type(cfg).__name__}, this entry point needs {config_cls.__name__}")
-    return cfg
+        parser.error(f"stage {args.stage!r} has a {type(cfg).__name__}, this entry point needs {config_cls.__name__}")
+    return args, cfg
 
 
 def env_summary(accelerator, precision: str) -> dict[str, Any]:

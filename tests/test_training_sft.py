@@ -348,6 +348,50 @@ def test_cli_main_with_config_file(tmp_path, tiny_model_dir, sft_data, capsys):
     assert '"steps": 1' in capsys.readouterr().out
 
 
+def test_stage_subprocess_streams_metrics_to_on_log(tmp_path, tiny_model_dir, sft_data):
+    """The flow's multi-GPU path runs the stage CLI in a subprocess (under `accelerate launch`); its
+    per-step JSON lines must reach on_log (MLflow) live, and its saved summary must come back."""
+    from trlm.flows.pipeline import run_stage_process
+
+    cfg = tmp_path / "sft.json"
+    cfg.write_text(sft_config(max_steps=3, batch_size=2).model_dump_json())
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "trlm.stages.sft", "--config", str(cfg), "--model-dir", str(tiny_model_dir),
+           "--data-dir", str(sft_data), "--out-dir", str(out)]
+    logged, lines = [], []
+    summary = run_stage_process(cmd, out, lambda m, step: logged.append((step, m)), lines.append)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert summary == saved["summary"] and summary["steps"] == 3
+    assert [step for step, _ in logged] == [1, 2, 3]
+    for (_, m), h in zip(logged, saved["history"]):
+        assert m["loss"] == pytest.approx(h["loss"], abs=1e-6) and "step" not in m
+    assert any(line.startswith('{"step": 1') for line in lines)
+    with pytest.raises(RuntimeError, match="exited with 2"):  # a missing --config file
+        run_stage_process([*cmd[:4], str(tmp_path / "missing.json"), *cmd[5:]], tmp_path / "x", lambda m, s: None, lines.append)
+
+
+def test_stage_cli_rejects_bad_input_before_any_compute(tmp_path, tiny_model_dir, sft_data, capsys):
+    good = tmp_path / "sft.json"
+    good.write_text(sft_config(max_steps=1).model_dump_json())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads(good.read_text()), "train": {**json.loads(good.read_text())["train"], "learning_rate": -1}}))
+    dirs = ["--model-dir", str(tiny_model_dir), "--data-dir", str(sft_data), "--out-dir", str(tmp_path / "out")]
+    cases = {
+        "no such file": ["--config", str(tmp_path / "missing.json"), *dirs],
+        "train.learning_rate": ["--config", str(bad), *dirs],
+        "no train.parquet": ["--config", str(good), *dirs[:2], "--data-dir", str(tmp_path), *dirs[4:]],
+        "no config.json": ["--config", str(good), "--model-dir", str(tmp_path), *dirs[2:]],
+        "unknown stage": ["--recipe", "offline-smoke", "--stage", "sft-generale", *dirs],
+        "this entry point needs SFTStageConfig": ["--recipe", "offline-smoke", "--stage", "dpo", *dirs],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as info:
+            sft_stage.main(argv)
+        assert info.value.code == 2, message
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 DDP_SCRIPT = """
 import json, sys
 from pathlib import Path

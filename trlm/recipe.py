@@ -286,7 +286,7 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
+def format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -312,7 +312,7 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(str(path), exc)) from None
+        raise RecipeError(format_validation_error(str(path), exc)) from None
     if check_files:
         check_recipe_files(recipe)
     return recipe
