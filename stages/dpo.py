@@ -13,7 +13,7 @@ What it does, top to bottom (`train_dpo`):
    training needs the policy forward only and no second model in memory. Otherwise a frozen copy
    of the starting model runs next to the policy (2x weights memory, +1 forward per step).
 4. The loop: each micro-batch of B pairs runs ONE forward pass over its 2B sequences (chosen and
-   rejected packed into one padding-free row, or a padded [2B, L] batch). The sequence log-prob is
+   rejected packed into one padding-free row, each prompt once, or a padded [2B, L] batch). The sequence log-prob is
    the SUM of the completion tokens' log-probs (`chunked_sequence_logps`, no [B, T, V] logits);
    for `ipo` the per-token AVERAGE. The loss is the mean over all pairs of the optimizer step
    (micro-batches and processes). Gradients are clipped to `max_grad_norm` (0.2 in the recipe).
@@ -28,8 +28,11 @@ Trade-offs:
   training step per pair) and save the reference model's memory and forward during training.
   They are computed in the stage's precision; in bf16 the policy's step-0 log-probs match them only
   to bf16 accuracy (batch composition changes the rounding), in fp32 to ~1e-6.
-* Packing chosen and rejected together shares one forward; the prompt is computed twice (once per
-  side), as in TRL. Prompt-sharing (prefix caching) would save that but complicates the backward.
+* Chosen and rejected share one forward pass, and (`share_prompt`, default) their common prefix,
+  the prompt, is in the row once: TRL computes it once per side. On the smoke recipe's hh-rlhf
+  pairs that is 30% fewer tokens through every layer. The price: queries, keys and values are
+  gathered into the full sequences' layout inside each attention call (`shared_prefix_layout`),
+  and the attention itself still runs over the prompt once per side.
 * Dropout is off (TRL's `disable_dropout=True`); SmolLM2 has no dropout anyway.
 
 Usage:
@@ -51,6 +54,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 
@@ -100,11 +104,54 @@ REFERENCE_FILE = "reference_logps.pt"
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
-def pair_batch(data: dict[str, Ragged], rows, *, padding_free: bool, pad_id: int) -> dict:
-    """B pairs -> one batch of 2B sequences: [chosen_1 .. chosen_B, rejected_1 .. rejected_B]."""
-    sequences = [(data["chosen_input_ids"][i], data["chosen_labels"][i]) for i in rows]
-    sequences += [(data["rejected_input_ids"][i], data["rejected_labels"][i]) for i in rows]
-    return collate(sequences, padding_free=padding_free, pad_id=pad_id)
+def pair_batch(data: dict[str, Ragged], rows, *, padding_free: bool, pad_id: int, share_prompt: bool = False) -> dict:
+    """B pairs -> one batch of 2B sequences: [chosen_1 .. chosen_B, rejected_1 .. rejected_B].
+
+    share_prompt (padding-free only): the row holds, per pair, the chosen sequence and then only the
+    rejected tokens after the two sides' common prefix (the prompt, at least). Labels, lengths and
+    the head see the full sequences (`virtual` layout); `to_virtual`/`to_real` map between the two
+    (`training.packed_sdpa_attention`). Exact: under causal attention a prefix's hidden states do
+    not depend on what follows it.
+    """
+    chosen = [data["chosen_input_ids"][i] for i in rows]
+    rejected = [data["rejected_input_ids"][i] for i in rows]
+    sequences = [(ids, data["chosen_labels"][i]) for ids, i in zip(chosen, rows)]
+    sequences += [(ids, data["rejected_labels"][i]) for ids, i in zip(rejected, rows)]
+    batch = collate(sequences, padding_free=padding_free, pad_id=pad_id)
+    if share_prompt and padding_free:
+        batch |= shared_prefix_layout(chosen, rejected, batch)
+    return batch
+
+
+def shares_prompt(cfg: DPOStageConfig) -> bool:
+    """Prompt sharing needs a packed row and the attention kernel that understands the layout."""
+    return cfg.share_prompt and cfg.train.padding_free and cfg.train.attn_implementation == "packed_sdpa"
+
+
+def shared_prefix_layout(chosen: list[np.ndarray], rejected: list[np.ndarray], batch: dict) -> dict:
+    """The row without each pair's repeated prefix, and the index maps to and from the full layout."""
+    b = len(chosen)
+    starts = np.cumsum([0, *batch["seq_lengths"][:-1]])  # of each full sequence in the virtual layout
+    to_virtual = np.empty(sum(batch["seq_lengths"]), dtype=np.int64)  # virtual position -> row position
+    to_real = []  # row position -> virtual position (the chosen copy of a shared token)
+    row = 0
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        n = min(len(c), len(r))
+        differ = np.flatnonzero(c[:n] != r[:n])
+        shared = int(differ[0]) if len(differ) else n
+        vc, vr = starts[i], starts[b + i]
+        to_virtual[vc : vc + len(c)] = row + np.arange(len(c))
+        to_virtual[vr : vr + shared] = row + np.arange(shared)
+        to_virtual[vr + shared : vr + len(r)] = row + len(c) + np.arange(len(r) - shared)
+        to_real += [vc + np.arange(len(c)), vr + shared + np.arange(len(r) - shared)]
+        row += len(c) + len(r) - shared
+    to_real = torch.as_tensor(np.concatenate(to_real))
+    return {
+        "input_ids": batch["input_ids"][:, to_real],
+        "position_ids": batch["position_ids"][:, to_real],
+        "to_virtual": torch.as_tensor(to_virtual),
+        "to_real": to_real,
+    }
 
 
 def sequence_logps_head(batch: dict) -> Callable:
@@ -127,12 +174,13 @@ def sequence_logps_head(batch: dict) -> Callable:
 
 def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over a pair batch: (log-prob sums [2B], completion token counts [2B])."""
+    shared = (batch["to_virtual"], batch["to_real"]) if "to_virtual" in batch else None
     return model(batch["input_ids"], head=sequence_logps_head(batch), position_ids=batch["position_ids"],
-                 attention_mask=batch["attention_mask"], packed_lengths=batch["packed_lengths"])
+                 attention_mask=batch["attention_mask"], packed_lengths=batch["packed_lengths"], shared_prefix=shared)
 
 
 @torch.no_grad()
-def compute_reference_logps(accelerator, model, data: dict[str, Ragged], *, batch_size: int, padding_free: bool, pad_id: int) -> dict:
+def compute_reference_logps(accelerator, model, data: dict[str, Ragged], *, batch_size: int, padding_free: bool, pad_id: int, share_prompt: bool = False) -> dict:
     """Log-prob sums and token counts of every pair under `model` (the frozen starting model).
 
     Each process takes a contiguous share of the rows (every process runs the same number of
@@ -147,7 +195,7 @@ def compute_reference_logps(accelerator, model, data: dict[str, Ragged], *, batc
     model.eval()
     for i in range(0, share, batch_size):
         chunk = rows[i : i + batch_size]
-        batch = to_device(pair_batch(data, chunk, padding_free=padding_free, pad_id=pad_id), accelerator.device)
+        batch = to_device(pair_batch(data, chunk, padding_free=padding_free, pad_id=pad_id, share_prompt=share_prompt), accelerator.device)
         logps, tokens = forward_logps(model, batch)
         b = len(chunk)
         out["chosen"].append(logps[:b].float())
@@ -179,7 +227,8 @@ def load_or_compute_reference(accelerator, model, data, cfg: DPOStageConfig, *, 
         stored = torch.load(path, map_location="cpu", weights_only=True)
         if stored.get("key") == key:
             return stored
-    ref = compute_reference_logps(accelerator, model, data, batch_size=cfg.train.batch_size, padding_free=cfg.train.padding_free, pad_id=pad_id)
+    ref = compute_reference_logps(accelerator, model, data, batch_size=cfg.train.batch_size, padding_free=cfg.train.padding_free, pad_id=pad_id,
+                                  share_prompt=shares_prompt(cfg))
     ref["key"] = key
     if accelerator.is_main_process:
         tmp = path.with_name(f".tmp-{path.name}")
@@ -245,6 +294,7 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
 
     # --- the loop --------------------------------------------------------------------------------
     accum, pairs_per_micro = train.grad_accum_steps, train.batch_size
+    share_prompt = shares_prompt(cfg)
     window = dict.fromkeys(("micro_batches", "pairs", "tokens", *METRIC_KEYS), 0.0)
     window_steps, window_grad_norm = 0, 0.0
     watch = Stopwatch()
@@ -254,7 +304,7 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
         while step < plan.total_steps:
             for i, g in enumerate(range(step * accum, (step + 1) * accum)):
                 rows = micro_batch_rows(plan, n_rows, train.batch_size, train.seed, g, accelerator.process_index, accelerator.num_processes)
-                batch = to_device(pair_batch(data, rows, padding_free=train.padding_free, pad_id=pad_id), accelerator.device)
+                batch = to_device(pair_batch(data, rows, padding_free=train.padding_free, pad_id=pad_id, share_prompt=share_prompt), accelerator.device)
                 with accelerator.no_sync(model) if i < accum - 1 else nullcontext():
                     logps, tokens = forward_logps(model, batch)  # chosen and rejected in ONE pass
                     b = len(rows)
@@ -324,6 +374,7 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
         "train_runtime_s": runtime_s,
         "train_tokens_per_second": total_tokens / max(runtime_s, 1e-9),
         "reference_logps_s": reference_s,  # this call's precompute (about 0 when reused on resume)
+        "shared_prompt": share_prompt,
         "pairs": n_rows,
         "model_dir": str(out_dir / "model"),
     }

@@ -98,7 +98,8 @@ except ImportError:
 
 @torch.compiler.disable  # per-document Python loop: keep it out of compiled decoder layers
 def packed_sdpa_attention(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, position_ids=None, packed_lengths=None, **kwargs
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, position_ids=None, packed_lengths=None,
+    shared_prefix=None, **kwargs
 ):
     """Causal attention restricted to each document of a row: one SDPA call per document.
 
@@ -115,10 +116,21 @@ def packed_sdpa_attention(
     padding after it, so right-padded rows [B, L] need no mask: their padded positions carry labels
     -100 and are never scored. Do not use this kernel for left-padded generation.
 
+    `shared_prefix = (to_virtual, to_real)` (DPO, `stages/dpo.py`): the row holds each pair's common
+    prefix once, but the documents `packed_lengths` describes are the full sequences. Queries, keys
+    and values are gathered into that virtual layout (`to_virtual`: virtual -> row position), the
+    documents attend as usual, and each row position takes its output from one virtual copy
+    (`to_real`). The prefix's keys and values get the gradients of both copies (gather backward).
+
     query [B, H, T, D], key/value [B, H_kv, T, D] -> (output [B, T, H, D], None).
     """
     import torch.nn.functional as F
 
+    if shared_prefix is not None:
+        to_virtual, to_real = shared_prefix
+        query, key, value = (t.index_select(2, to_virtual) for t in (query, key, value))
+        out, _ = packed_sdpa_attention(module, query, key, value, None, dropout, scaling, packed_lengths=packed_lengths)
+        return out.index_select(1, to_real), None
     length = query.shape[2]
     grouped = query.shape[1] != key.shape[1]
     on_gpu = query.device.type == "cuda"
@@ -331,15 +343,21 @@ def unpack_rows(packed: torch.Tensor, seq_lengths: list[int], pad_value: float |
 # --- the loss forward ----------------------------------------------------------------------------
 
 
-def _forward_with_head(self, input_ids, *, head: Callable, position_ids=None, attention_mask=None, packed_lengths=None):
+def _forward_with_head(self, input_ids, *, head: Callable, position_ids=None, attention_mask=None, packed_lengths=None, shared_prefix=None):
     """Run the transformer backbone and hand the final hidden states to `head(hidden, lm_head_weight)`.
 
     The full [B, T, V] logits are never built: the head (a chunked loss from `stages/losses.py`)
     projects only the target positions, a chunk at a time. `packed_lengths` (a padding-free row's
-    document lengths) travels down to the attention kernel as a keyword argument.
+    document lengths) and `shared_prefix` (see `packed_sdpa_attention`) travel down to the attention
+    kernel as keyword arguments. With `shared_prefix` the head gets the hidden states gathered back
+    into the full sequences' layout, as if nothing had been shared.
     """
     extra = {"packed_lengths": packed_lengths} if packed_lengths is not None else {}
+    if shared_prefix is not None:
+        extra["shared_prefix"] = shared_prefix
     hidden = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
+    if shared_prefix is not None:
+        hidden = hidden.index_select(1, shared_prefix[0])
     return head(hidden, self.lm_head.weight)
 
 

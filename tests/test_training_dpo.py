@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,62 @@ def test_pair_batch_layout(dpo_data):
     assert batch["seq_lengths"] == lengths and batch["input_ids"].shape == (1, sum(lengths))
     padded = pair_batch(data, [0, 3], padding_free=False, pad_id=2)
     assert padded["input_ids"].shape == (4, max(lengths))
+
+
+def test_shared_prompt_layout(dpo_data):
+    """The row holds each prompt once; gathering it back gives exactly the unshared packed row."""
+    data = load_ragged(dpo_data / "train.parquet", dpo_stage.COLUMNS)
+    full = pair_batch(data, [0, 3], padding_free=True, pad_id=2)
+    shared = pair_batch(data, [0, 3], padding_free=True, pad_id=2, share_prompt=True)
+    prompts = sum(int(data["prompt_length"][i]) for i in (0, 3)) if "prompt_length" in data else None
+    saved = full["input_ids"].shape[1] - shared["input_ids"].shape[1]
+    assert saved >= (prompts or 1)
+    assert torch.equal(shared["input_ids"][:, shared["to_virtual"]], full["input_ids"])
+    assert torch.equal(shared["position_ids"][:, shared["to_virtual"]], full["position_ids"])
+    assert torch.equal(full["input_ids"][:, shared["to_real"]], shared["input_ids"])
+    assert torch.equal(shared["to_virtual"][shared["to_real"]], torch.arange(shared["input_ids"].shape[1]))
+    for key in ("labels", "seq_lengths", "packed_lengths"):  # the head and the kernel see the full sequences
+        assert (torch.equal(shared[key], full[key]) if key == "labels" else shared[key] == full[key])
+
+
+def _pairs(*pairs):
+    cols = {k: [] for k in dpo_stage.COLUMNS}
+    for prompt, chosen, rejected in pairs:
+        for side, completion in (("chosen", chosen), ("rejected", rejected)):
+            cols[f"{side}_input_ids"].append(np.array(prompt + completion))
+            cols[f"{side}_labels"].append(np.array([-100] * len(prompt) + completion))
+    return cols
+
+
+def test_shared_prompt_forward_and_backward_are_exact():
+    """Log-probs and every parameter gradient equal the unshared forward's (fp32), including pairs
+    whose completions start alike, a pair with identical sides and one without a common prefix."""
+    from conftest import make_tiny_llama
+    from trlm.stages.training import install_head_forward, register_packed_sdpa
+
+    register_packed_sdpa()
+    torch.manual_seed(0)
+    model = make_tiny_llama().float()
+    model.set_attn_implementation("packed_sdpa")
+    install_head_forward(model)
+    g = torch.Generator().manual_seed(1)
+    r = lambda n: torch.randint(5, 500, (n,), generator=g).tolist()  # noqa: E731
+    p, same = r(12), r(6)
+    data = _pairs((p, r(7), r(9)), (r(20), same + r(3), same + r(5)), (r(4), same, same), ([], r(6), r(8)))
+    rows = list(range(4))
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        batch = pair_batch(data, rows, padding_free=True, pad_id=2, share_prompt=share)
+        logps, tokens = dpo_stage.forward_logps(model, batch)
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+        results[share] = (logps.detach(), tokens, {n: q.grad.clone() for n, q in model.named_parameters()}, batch["input_ids"].shape[1])
+    (a, ta, ga, na), (b, tb, gb, nb) = results[False], results[True]
+    assert nb == na - (12 + (20 + 6) + (4 + 6) + 0)  # each pair's common prefix once
+    assert torch.equal(ta, tb)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -94,10 +151,17 @@ def test_dpo_learns_a_repeated_preference(tmp_path, tiny_model_dir, tokenizer_di
 def test_gradient_accumulation_and_packing_give_the_same_steps(tmp_path, tiny_model_dir, dpo_data):
     """4 pairs x 1 == 1 pair x 4 == padded 2 x 2: the loss is the mean over the step's pairs."""
     results = {}
-    for name, kw in {"4x1": dict(batch_size=4), "1x4": dict(batch_size=1, grad_accum_steps=4), "2x2-padded": dict(batch_size=2, grad_accum_steps=2, padding_free=False)}.items():
-        _, logs = run(dpo_config(max_steps=2, loss_type="sigmoid", max_grad_norm=1e9, **kw), tiny_model_dir, dpo_data, tmp_path / name)
+    variants = {
+        "4x1": dict(batch_size=4),
+        "1x4": dict(batch_size=1, grad_accum_steps=4),
+        "2x2-padded": dict(batch_size=2, grad_accum_steps=2, padding_free=False),
+        "4x1-prompt-per-side": dict(batch_size=4, share_prompt=False),
+    }
+    for name, kw in variants.items():
+        summary, logs = run(dpo_config(max_steps=2, loss_type="sigmoid", max_grad_norm=1e9, **kw), tiny_model_dir, dpo_data, tmp_path / name)
         results[name] = logs
-    for name in ("1x4", "2x2-padded"):
+        assert summary["shared_prompt"] == (kw.get("padding_free", True) and kw.get("share_prompt", True))
+    for name in ("1x4", "2x2-padded", "4x1-prompt-per-side"):
         for (_, a), (_, b) in zip(results["4x1"], results[name]):
             for k in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (name, k)

@@ -114,7 +114,7 @@ def sft_config(**train):
 def dpo_config(**train):
     from trlm.recipe import DPOStageConfig
 
-    extra = {k: train.pop(k) for k in ("loss_type", "beta", "precompute_ref_logps", "label_smoothing") if k in train}
+    extra = {k: train.pop(k) for k in ("loss_type", "beta", "precompute_ref_logps", "label_smoothing", "share_prompt") if k in train}
     base = dict(batch_size=2, learning_rate=1e-3, lr_scheduler="constant", max_steps=2, precision="fp32", seed=0, save_steps=100)
     data = {"spec": "test", "chat_template": "x", "max_length": 96}
     return DPOStageConfig.model_validate({"data": data, "train": {**base, **train}, **extra})

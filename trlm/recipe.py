@@ -142,6 +142,11 @@ class DPOStageConfig(Strict):
     beta: PositiveFloat = 0.1
     label_smoothing: Annotated[float, NoBool, Field(ge=0, lt=0.5)] = 0.0
     precompute_ref_logps: Bool = Field(True, description="compute reference log-probs once before training")
+    share_prompt: Bool = Field(
+        True,
+        description="run each pair's common prefix (the prompt) once, not once per side; exact. Applies where "
+        "train.padding_free and attn_implementation packed_sdpa; the stage summary says whether it was used",
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "DPOStageConfig":
