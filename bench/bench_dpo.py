@@ -6,8 +6,9 @@ would be truncated are left out, so no truncation rule differs), same batch (pai
 the completion tokens, sigmoid loss, beta 0.1, AdamW at a constant learning rate.
 
 - TRL runs with its defaults: a reference model forward on every step.
-- Ours runs `trlm.stages.dpo.train_dpo`, the stage itself: reference log-probs precomputed once
-  before training. That pass is NOT free, so our pairs/s charges it: per pair, the training step
+- Ours runs `trlm.stages.dpo.train_dpo`, the stage itself, with its defaults: reference log-probs
+  precomputed once before training, and each pair's prompt run through the model once, not once
+  per side (`share_prompt`). That pass is NOT free, so our pairs/s charges it: per pair, the training step
   time plus the precompute time (measured) divided by the pairs precomputed.
 
 Phases alternate (ours, TRL, ...). Reported per side: pairs/s (median over steps, the first step
