@@ -16,7 +16,6 @@ The work itself lives in `trlm.stages.*` and `trlm.eval.*`; nothing there import
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 from importlib import resources

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from trlm.artifacts import atomic_directory, hash_directory, hash_json, write_fingerprint
+from trlm.artifacts import atomic_directory, hash_directory, write_fingerprint
 from trlm.data_spec import RowError, load_data_spec, resolve_rows
 from trlm.recipe import TRAINING_STAGES, MixtureConfig, Recipe, RecipeError, load_recipe
 
