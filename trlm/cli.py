@@ -39,12 +39,31 @@ def _quiet_environment(recipe) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     uses_hub = recipe is not None and _uses_hub(recipe)
-    if not uses_hub:
+    offline = not uses_hub
+    if uses_hub and "HF_HUB_OFFLINE" not in os.environ and not _hub_reachable():
+        # Without this, every hub lookup retries for about 50 s before it falls back to the cache.
+        typer.echo("note: the Hugging Face Hub is unreachable; hub ids resolve from the local cache only (HF_HUB_OFFLINE=1)", err=True)
+        offline = True
+    if offline:
         for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ.setdefault(var, "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "alembic", "mlflow", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Can we open a TCP connection to the hub's host? Assumed yes behind a proxy (we cannot tell)."""
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def _uses_hub(recipe) -> bool:
