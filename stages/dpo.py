@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}))
 
     summary = train_dpo(cfg, model_dir=args.model_dir, data_dir=args.data_dir, out_dir=args.out_dir, on_log=print_metrics)
-    print(json.dumps(summary, indent=1))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, once
+        print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ batch_size x grad_accum_steps x num_processes. (Several CPU processes, gloo DDP,
 from __future__ import annotations
 
 import json
+import os
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}))
 
     summary = train_sft(cfg, model_dir=args.model_dir, data_dir=args.data_dir, out_dir=args.out_dir, on_log=print_metrics)
-    print(json.dumps(summary, indent=1))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, once
+        print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

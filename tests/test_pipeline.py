@@ -243,3 +243,38 @@ def test_resumed_stage_run_does_not_log_replayed_steps_twice(tiny_recipe, tmp_pa
     history = tracker.client.get_metric_history(outcome.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 5.5)]
     assert tracker.client.get_run(outcome.run_id).info.status == "FINISHED"
+
+
+def test_a_stage_already_executing_elsewhere_is_not_entered(tiny_recipe, tmp_path):
+    """Two processes on one work dir (a nightly run overlapping a manual one) must not resume the
+    same stage run into the same directory at once: the second stops with a clear error."""
+    from trlm.lineage import StageBusy, Tracker, run_stage, stage_lock
+
+    recipe = load_recipe(str(tiny_recipe))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "lock-test", tmp_path)
+
+    def execute(out: Path, on_log) -> dict:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text("{}")
+        from trlm.artifacts import write_fingerprint
+
+        write_fingerprint(out)
+        return {}
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from trlm.lineage import stage_lock\n"
+        f"with stage_lock(Path({str(tmp_path)!r}), 'eval:test', {'k' * 64!r}):\n"
+        "    print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StageBusy, match=r"eval:test \(key kkkk.*\) is being executed by pid \d+ on .* since .*run again"):
+            run_stage(tracker, recipe, "eval:test", "k" * 64, {"model": "m"}, execute, parent_run_id=None)
+        assert tracker.client.search_runs([tracker.experiment_id]) == [], "the refused process creates no MLflow run"
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died (as a killed process would): its lock is gone with it
+    outcome = run_stage(tracker, recipe, "eval:test", "k" * 64, {"model": "m"}, execute, parent_run_id=None)
+    assert not outcome.cached
+    with stage_lock(tmp_path, "eval:test", "k" * 64):  # released after the stage ran
+        pass

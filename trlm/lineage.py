@@ -20,6 +20,7 @@ No Prefect here: the CLI's `status` and the flow both use this module.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -322,14 +323,67 @@ def run_stage(
     force: bool = False,
     extra_tags: dict[str, str] | None = None,
 ) -> StageOutcome:
-    """Skip if done; else resume an unfinished run of the same key or start one; mark FINISHED/FAILED."""
+    """Skip if done; else resume an unfinished run of the same key or start one; mark FINISHED/FAILED.
+
+    While it executes, the stage holds a lock on its key in the work dir (`stage_lock`): a second
+    process that wants the same stage (a nightly run overlapping a manual one) stops with a clear
+    error instead of resuming the same run into the same directory at the same time.
+    """
+    done = tracker.find_done(stage, key)
+    if done is None or force:
+        with stage_lock(tracker.work_dir, stage, key):
+            done = tracker.find_done(stage, key)  # finished by another process since the first look?
+            if done is None or force:
+                return _start_or_resume(tracker, recipe, stage, key, inputs, execute, done, parent_run_id, extra_tags)
+    log.info("%s: cached (key %s, run %s)", stage, key[:12], done.info.run_id)
+    local = tracker.local_artifact_dir(done)
+    return StageOutcome(stage, key, done.info.run_id, tracker.artifact_uri(done), str(local / OUTPUT) if local else "", run_outputs(done), True)
+
+
+class StageBusy(RuntimeError):
+    """Another process is executing the same stage (same key) in this work dir."""
+
+
+@contextlib.contextmanager
+def stage_lock(work_dir: Path, stage: str, key: str):
+    """An exclusive lock on (stage, key) under `work_dir/locks/`, held while the stage executes.
+
+    flock: the OS releases it when the holder exits, even on kill -9, so no stale lock survives a
+    crash. It guards processes sharing one work dir (one machine, or a shared file system that
+    supports flock); runs on other machines that only share the MLflow server are not covered.
+    """
+    import fcntl
+    import socket
+    import time
+
+    path = Path(work_dir) / "locks" / f"{stage.replace(':', '-')}-{key[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StageBusy(
+                f"{stage} (key {key[:12]}) is being executed by {holder}; this run stops here. "
+                "When that run has finished, run again: the stage will be cached."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _start_or_resume(tracker, recipe, stage, key, inputs, execute, done, parent_run_id, extra_tags) -> StageOutcome:
+    """Execute a stage in a new MLflow run, or in an unfinished one of the same key (resume)."""
     from mlflow.entities import Param, RunTag
 
-    done = tracker.find_done(stage, key)
-    if done is not None and not force:
-        log.info("%s: cached (key %s, run %s)", stage, key[:12], done.info.run_id)
-        local = tracker.local_artifact_dir(done)
-        return StageOutcome(stage, key, done.info.run_id, tracker.artifact_uri(done), str(local / OUTPUT) if local else "", run_outputs(done), True)
     # --force skips the FINISHED run, but still resumes an unfinished (killed) run of the same key.
     run = tracker.find_resumable(stage, key)
     client = tracker.client
