@@ -78,7 +78,7 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
         return data_prep_config(recipe)
     if stage.startswith("eval:"):  # one evaluated model
         return recipe.eval.model_dump(mode="json")
-    cfg = output_config(recipe.stage_config(stage)) if stage in MODEL_INPUT else recipe.stage_config(stage).model_dump(mode="json")
+    cfg = output_config(recipe.stage_config(stage))
     if stage != "eval":
         cfg.pop("data")
     return cfg

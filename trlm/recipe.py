@@ -123,8 +123,8 @@ class TrainConfig(Strict):
 NOT_IN_KEY = {"train": {"keep_checkpoints"}}
 
 
-def output_config(cfg: "SFTStageConfig | DPOStageConfig") -> dict[str, Any]:
-    """The stage config as JSON, minus NOT_IN_KEY: what the stage's output depends on."""
+def output_config(cfg: BaseModel) -> dict[str, Any]:
+    """A stage config as JSON, minus NOT_IN_KEY (absent keys are ignored): what the output depends on."""
     return cfg.model_dump(mode="json", exclude=NOT_IN_KEY)
 
 
