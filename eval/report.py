@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STAGE_COLUMNS = ("base", "sft-general", "sft-think", "dpo")
 DASH = "–"
 
 # --- published figures -----------------------------------------------------------------------------
@@ -282,7 +281,7 @@ def column_label(name: str, doc: dict | None) -> str:
     s = doc.get("settings") or {}
     if s.get("profile") == "smoke":
         return f"{name} (smoke)"
-    if s.get("limit"):
+    if s.get("limit") or s.get("sample"):
         return f"{name} (subset)"
     return name
 
@@ -354,10 +353,7 @@ def _metric_present(doc: dict, task: str) -> bool:
 
 def build_report(columns: dict[str, dict | None]) -> dict[str, Any]:
     """The report's content as data (used by `write_report` and the tests)."""
-    cols = {name: columns.get(name) for name in STAGE_COLUMNS}
-    for name, doc in columns.items():  # any extra columns keep their order after the stages
-        if name not in cols:
-            cols[name] = doc
+    cols = dict(columns)  # in the caller's order (the pipeline's); None = not evaluated, shown as a dash
     refs = _reference_signatures(cols)
     notes: list[str] = []
     note_index: dict[str, int] = {}

@@ -12,8 +12,10 @@ the results by the harness:
    prompt are unchanged. A missing evaluated split, or a missing split that few-shot examples would come
    from, is an error: nothing is ever fabricated.
 2. **Subsets.** `smoke` evaluates a fixed, seeded subset: for groups (mmlu, bbh) a seeded subset of
-   subtasks, and for each (sub)task a seeded subset of items (lm-eval's `samples=`). An explicit
-   `limit` does the same in the `full` profile. The chosen subtasks and item indices are recorded.
+   subtasks, and for each (sub)task a seeded subset of items (lm-eval's `samples=`). `sample` (N) sets
+   the size of that seeded subset, in either profile. `limit` (N) means what lm-eval's `--limit N`
+   means: the *first* N items of each (sub)task (passed to lm-eval as `limit=`); it replaces the
+   seeded items of `smoke`. The chosen subtasks and item indices are recorded.
 3. **Generation length.** `max_gen_toks` (the config's, or the smoke default) caps generation for
    generate_until tasks; the effective `generation_kwargs` of every task are recorded.
 """
@@ -67,6 +69,7 @@ class TaskPlan:
     subtasks_total: int | None = None  # groups only
     subtasks: list[str] | None = None  # groups only: leaf tasks evaluated (None = all)
     items_per_leaf: int | None = None  # None = every item
+    selection: str = "all"  # all | seeded (a seeded subset, lm-eval's samples=) | first (lm-eval's limit=)
     notes: list[str] = field(default_factory=list)
 
 
@@ -165,12 +168,23 @@ def _prune_group(group, keep: set[str]) -> None:
             group.pop(child.task_name)
 
 
-def load_task(task_manager, name: str, *, data_root: Path, profile: str, limit: int | None, seed: int):
+def first_items(n_total: int, limit: int | None) -> list[int] | None:
+    """The indices lm-eval's `limit=` evaluates (the first `limit` items), or None for every item."""
+    if limit is None or limit >= n_total:
+        return None
+    return list(range(limit))
+
+
+def load_task(task_manager, name: str, *, data_root: Path, profile: str, limit: int | None, seed: int, sample: int | None = None):
     """Load one requested task/group by its standard name; return `(obj, plan, samples)`.
 
     `obj` is a lm-eval Task or (possibly pruned) Group; `samples` maps leaf task names to sorted item
-    indices for lm-eval's `samples=` (leaves evaluated in full are absent).
+    indices for lm-eval's `samples=` (leaves evaluated in full are absent). With `limit` (the first N
+    items, lm-eval's own `limit=`, which the caller passes on) `samples` is empty and
+    `plan.selection == "first"`; `sample` or the smoke profile give a seeded subset.
     """
+    if limit is not None and sample is not None:
+        raise TaskPlanError(f"{name}: give limit (the first N items, as lm-eval's --limit) or sample (a seeded subset of N), not both")
     plan = TaskPlan(name=name)
     overrides = split_overrides_for(task_manager, name, data_root)
     if overrides:
@@ -206,21 +220,29 @@ def load_task(task_manager, name: str, *, data_root: Path, profile: str, limit: 
             )
         leaves = _leaf_tasks(obj)
 
+    unit = "subtask" if len(leaves) > 1 else "task"
+    samples: dict[str, list[int]] = {}
     if limit is not None:
-        per_leaf = limit
+        plan.items_per_leaf = limit
+        if any(first_items(len(t.eval_docs), limit) is not None for t in leaves):
+            plan.selection = "first"
+            plan.notes.append(f"{name}: evaluates the first {limit} items of each {unit} (lm-eval's limit); the item indices are recorded in settings")
+        return obj, plan, samples
+    if sample is not None:
+        per_leaf = sample
     elif profile == "smoke":
         per_leaf = SMOKE_ITEMS.get(name, SMOKE_DEFAULT_ITEMS)
     else:
         per_leaf = None
     plan.items_per_leaf = per_leaf
-    samples: dict[str, list[int]] = {}
     for task in leaves:
         idx = choose_items(task.task_name, len(task.eval_docs), per_leaf, seed)
         if idx is not None:
             samples[task.task_name] = idx
     if samples:
+        plan.selection = "seeded"
         plan.notes.append(
             f"{name}: {profile} profile evaluates a seeded subset (seed {seed}) of at most {per_leaf} items per "
-            f"{'subtask' if len(leaves) > 1 else 'task'}; the item indices are recorded in settings"
+            f"{unit}; the item indices are recorded in settings"
         )
     return obj, plan, samples

@@ -2,15 +2,20 @@
 
 For each training stage's mixture (`sft_general.data`, `sft_think.data`, `dpo.data` in the recipe):
 
-1. resolve the spec (`data_specs/*.yaml`): read the sources, take N rows, map columns, transform;
+1. resolve the spec (`data_specs/*.yaml`): read the sources, take N rows, map columns, transform
+   (sources stay inside the data root; a short source is an error unless the spec allows it, and
+   every source's rows requested/read are reported in stats.json);
 2. validate every row (roles, empty turns, missing columns, undecodable text, chosen == rejected,
-   a prompt alone longer than max_length); policy `error` stops before anything is written,
+   a prompt alone longer than max_length, chat-control token text such as `<|im_end|>` inside a
+   content); policy `error` stops before anything is written,
    `drop` drops the rows and counts and reports each one: never silently;
 3. render the recipe's chat template exactly as given (the published one has whitespace quirks;
    they are part of what the model is trained on, so they are kept);
 4. tokenize with the base tokenizer plus the mixture's special tokens (`<think>`, `</think>`);
 5. build labels: `all` tokens (what the published recipe did) or `assistant` turns only, each
-   including its closing `<|im_end|>`; preference data always trains on the completion only;
+   including its closing `<|im_end|>`; preference data always trains on the completion only. Turns
+   are located by position in the template's output, never by searching their text
+   (stages/chat_spans.py); a template that cannot locate them stops the stage under any policy;
 6. truncate as configured (SFT keep_start/keep_end; DPO: prompt keeps its last max_prompt_length
    tokens, then the whole sequence is cut to max_length);
 7. write `train.parquet`, `tokenizer/`, `stats.json`, `inputs.json` and `fingerprint.json`.
@@ -23,15 +28,13 @@ Output layout (one artifact directory):
 Trade-offs: rows are held in memory (fine for the published ~190k rows); hub sources are streamed.
 
 Usage:
-    python -m trlm.stages.data_prep --recipe offline-smoke --base-model DIR --out DIR
+    trlm run --only data-prep            # (the stage reads every training section's mixture of the recipe)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -43,10 +46,13 @@ from tqdm.auto import tqdm
 
 from trlm.artifacts import atomic_directory, hash_directory, write_fingerprint
 from trlm.data_spec import RowError, load_data_spec, resolve_rows
-from trlm.recipe import TRAINING_STAGES, MixtureConfig, Recipe, RecipeError, load_recipe
+from trlm.recipe import DataPrepConfig, MixtureConfig, Recipe, mixtures
+from trlm.stage import BASE, MODEL, Stage, StageContext
+
+DATA_ROOT_FILE = "data_root.json"  # where the data came from: the path and which setting won
+from trlm.stages.chat_spans import IGNORE, TemplateError, control_tokens, describe_template, find_control_text, preference_texts, render, sft_spans, tokenize_with_mask
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 ROLES = {"system", "user", "assistant"}
 HISTOGRAM_EDGES = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
 MAX_LISTED = 200  # dropped rows listed one by one in stats.json (all of them are counted)
@@ -124,62 +130,11 @@ def validate_row(kind: str, row: dict) -> None:
         raise err("chosen", "chosen is identical to rejected", "chosen identical to rejected")
 
 
-# --- rendering and label masks -----------------------------------------------------------------
-
-
-def render(tokenizer, template: str, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-
-
-def assistant_spans(tokenizer, template: str, messages: list[dict], end_token: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant turn's content through its closing end token.
-
-    The template is rendered for growing prefixes of the conversation; turn i occupies the text
-    between the renderings of messages[:i] and messages[:i+1]. Inside it the content is located and
-    the span extended through the next `end_token` (`<|im_end|>`), so the model learns to stop.
-    Generation prompts are not used: the published template's generation prompt is not a prefix of
-    its training rendering (different indentation, extra newline).
-    """
-    spans, previous = [], ""
-    for i, message in enumerate(messages):
-        current = render(tokenizer, template, messages[: i + 1])
-        if not current.startswith(previous):
-            raise ValueError("chat template is not prefix-stable; loss_mask 'assistant' cannot locate turns")
-        if message["role"] == "assistant":
-            start = current.find(message["content"], len(previous))
-            end = current.find(end_token, start + len(message["content"]))
-            if start < 0 or end < 0:
-                raise ValueError(f"cannot locate assistant turn {i} in the rendered template")
-            spans.append((start, end + len(end_token)))
-        previous = current
-    return spans
-
-
-def tokenize_with_mask(tokenizer, text: str, spans: list[tuple[int, int]] | None) -> tuple[list[int], list[int]]:
-    """Token ids and labels; with spans, only tokens overlapping a span are trained."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
-    ids = list(enc["input_ids"])
-    if spans is None:
-        return ids, list(ids)
-    labels = []
-    for token, (tok_start, tok_end) in zip(ids, enc["offset_mapping"]):
-        inside = any(tok_start < span_end and span_start < tok_end for span_start, span_end in spans)
-        labels.append(token if inside else IGNORE)
-    return ids, labels
+# --- rendering and label masks: stages/chat_spans.py (turns located by position) ------------------
 
 
 def _truncate(seq: list[int], max_length: int, mode: str) -> list[int]:
     return seq[:max_length] if mode == "keep_start" else seq[-max_length:]
-
-
-def _prompt_length_sft(tokenizer, template: str, messages: list[dict]) -> int:
-    """Tokens before the first assistant turn's content: the part that can never be trained."""
-    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    text = render(tokenizer, template, messages[: first + 1])
-    cut = text.find(messages[first]["content"], len(render(tokenizer, template, messages[:first])))
-    if cut < 0:
-        raise ValueError(f"cannot locate assistant turn {first} in the rendered template")
-    return len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
 
 
 # --- one mixture -------------------------------------------------------------------------------
@@ -199,19 +154,21 @@ def build_tokenizer(base_model_dir: Path, mixture: MixtureConfig):
     return tokenizer
 
 
-def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base_model_dir: Path, policy: str, out: Path, progress: bool = True) -> dict:
+def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base_model_dir: Path, policy: str, out: Path, progress: bool = True, allow_outside_data_root: bool = False) -> dict:
     spec = load_data_spec(mixture.spec)
     tokenizer = build_tokenizer(base_model_dir, mixture)
     template, end_token = mixture.chat_template, tokenizer.eos_token
     think_close = "</think>" if "</think>" in mixture.special_tokens else None
     think_close_id = tokenizer.convert_tokens_to_ids(think_close) if think_close else None
     eos_id = tokenizer.convert_tokens_to_ids(end_token)
+    forbidden = control_tokens(tokenizer, mixture.special_tokens)
 
     errors: list[RowError] = []
     dropped: Counter = Counter()
     records: list[dict] = []
     stats: Counter = Counter()
-    rows = list(resolve_rows(spec, data_root))
+    sources: dict[str, dict] = {}  # per source: file, rows requested, rows read (filled by resolve_rows)
+    rows = list(resolve_rows(spec, data_root, allow_outside_data_root=allow_outside_data_root, report=sources))
     for row in tqdm(rows, desc=f"data-prep {stage}", unit="row", disable=not progress, leave=False):
         stats["rows_in"] += 1
         row_stats: Counter = Counter()  # counted only if the row is kept
@@ -220,13 +177,16 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
                 raise row
             validate_row(spec.kind, row)
             if spec.kind == "sft":
-                rec = _encode_sft(tokenizer, template, end_token, mixture, row, row_stats, think_close_id, eos_id)
+                rec = _encode_sft(tokenizer, template, end_token, mixture, row, row_stats, think_close_id, eos_id, forbidden)
             else:
-                rec = _encode_preference(tokenizer, template, end_token, mixture, row, row_stats)
+                rec = _encode_preference(tokenizer, template, end_token, mixture, row, row_stats, forbidden)
         except RowError as e:
             errors.append(e)
             dropped[e.kind] += 1
             continue
+        except TemplateError as exc:  # the template's fault, not the row's: no policy drops it
+            where = RowError(row["_source"], row["_row"], "messages" if spec.kind == "sft" else "prompt", str(exc), "chat template cannot locate turns")
+            raise DataValidationError([where], f"{stage}: the chat template {describe_template(template)} cannot locate turns by position; nothing was written") from None
         stats.update(row_stats)
         records.append(rec)
 
@@ -253,6 +213,9 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
         "length_histogram": {f"{lo}-{hi}": int(((lengths >= lo) & (lengths < hi)).sum()) for lo, hi in zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:])},
         "max_length": mixture.max_length,
         "loss_mask": mixture.loss_mask if spec.kind == "sft" else "completion",
+        # assistant turns whose leading whitespace BPE merged into the (untrained) header token
+        "assistant_start_merged_with_header": stats["assistant_start_merged_with_header"] if spec.kind == "sft" else None,
+        "sources": sources,
     }
     if not records:
         raise DataValidationError(
@@ -271,7 +234,7 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
     (out / "stats.json").write_text(json.dumps(summary, indent=2))
     inputs = {
         "spec": spec.model_dump(mode="json"),
-        "source_fingerprints": spec.source_fingerprints(data_root),
+        "source_fingerprints": spec.source_fingerprints(data_root, allow_outside_data_root=allow_outside_data_root),
         "tokenizer": hash_directory(out / "tokenizer"),
         "mixture": _mixture_settings(mixture),
     }
@@ -280,15 +243,23 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
     return summary
 
 
-def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close_id, eos_id) -> dict:
+def _reject_control_text(row: dict, fields: tuple[str, ...], forbidden: list[str]) -> None:
+    for field in fields:
+        found = find_control_text(row[field], field, forbidden)
+        if found:
+            raise RowError(row["_source"], row["_row"], found[0], f"contains the text {found[1]!r}, which tokenizes as that control token (a fake turn boundary)", "control-token text in content")
+
+
+def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close_id, eos_id, forbidden) -> dict:
+    """Tokens of the full rendering; with loss_mask assistant, labels on each assistant turn's content
+    + its end token, located by position (stages/chat_spans.py). TemplateError propagates: it stops the stage."""
     messages = row["messages"]
+    _reject_control_text(row, ("messages",), forbidden)
     text = render(tokenizer, template, messages)
-    try:
-        spans = assistant_spans(tokenizer, template, messages, end_token) if mixture.loss_mask == "assistant" else None
-        prompt_len = _prompt_length_sft(tokenizer, template, messages)
-    except ValueError as exc:
-        raise RowError(row["_source"], row["_row"], "messages", str(exc), "template cannot locate turns") from None
-    ids, labels = tokenize_with_mask(tokenizer, text, spans)
+    assistant_only = mixture.loss_mask == "assistant"
+    spans, prompt_end = sft_spans(tokenizer, template, messages, end_token, text, assistant_only=assistant_only)
+    ids, labels, prompt_len, merged = tokenize_with_mask(tokenizer, text, spans if assistant_only else None, prompt_end)
+    stats["assistant_start_merged_with_header"] += merged
     if prompt_len >= mixture.max_length and mixture.truncation_mode == "keep_start":
         raise RowError(row["_source"], row["_row"], "messages", f"prompt alone ({prompt_len} tokens) is longer than max_length {mixture.max_length}", "prompt longer than max_length")
     reasoning = any("<think>" in m["content"] for m in messages if m["role"] == "assistant")
@@ -306,20 +277,19 @@ def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close
     return {"input_ids": ids, "labels": labels, "_source": row["_source"], "_row": row["_row"]}
 
 
-def _encode_preference(tokenizer, template, end_token, mixture, row, stats) -> dict:
-    """prompt ids (shared) + completion ids; labels -100 on the prompt; truncation as published."""
+def _encode_preference(tokenizer, template, end_token, mixture, row, stats, forbidden) -> dict:
+    """prompt ids (shared) + completion ids; labels -100 on the prompt; truncation as published.
+
+    Each side is split by position (stages/chat_spans.py): the completion starts where its first
+    assistant content starts. Prompt and completion are tokenized separately (as TRL's DPO does), so
+    no token straddles the boundary."""
+    _reject_control_text(row, ("prompt", "chosen", "rejected"), forbidden)
     sides = {}
     prompt_text = None
-    prompt_only = render(tokenizer, template, row["prompt"])
     for side in ("chosen", "rejected"):
-        full = render(tokenizer, template, row["prompt"] + row[side])
-        start = full.find(row[side][0]["content"], len(prompt_only))
-        end = full.rfind(end_token)
-        if not full.startswith(prompt_only) or start < 0 or end < start:
-            raise RowError(row["_source"], row["_row"], side, "cannot locate the completion in the rendered template", "template cannot locate turns")
-        p_text, c_text = full[:start], full[start : end + len(end_token)]
-        if prompt_text is not None and p_text != prompt_text:
-            raise RowError(row["_source"], row["_row"], "prompt", "chosen and rejected render different prompts", "template cannot locate turns")
+        p_text, c_text = preference_texts(tokenizer, template, row["prompt"], row[side], end_token)
+        if prompt_text is not None and p_text != prompt_text:  # compared whole, by position: never searched
+            raise TemplateError("the template renders the shared prompt differently for chosen and rejected")
         prompt_text = p_text
         sides[side] = tokenizer(c_text, add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
@@ -358,16 +328,16 @@ def data_prep_config(recipe: Recipe) -> dict:
     """Everything that determines this stage's output (its cache key is a hash of this + inputs)."""
     return {
         "data_prep": recipe.data_prep.model_dump(mode="json"),
-        "mixtures": {s: _mixture_settings(recipe.stage_config(s).data) for s in TRAINING_STAGES},
-        "specs": {s: load_data_spec(recipe.stage_config(s).data.spec).model_dump(mode="json") for s in TRAINING_STAGES},
+        "mixtures": {s: _mixture_settings(m) for s, m in mixtures(recipe).items()},
+        "specs": {s: load_data_spec(m.spec).model_dump(mode="json") for s, m in mixtures(recipe).items()},
     }
 
 
-def data_prep_inputs(recipe: Recipe, base_fingerprint: str) -> dict[str, str]:
-    """Input fingerprints: base tokenizer/model and every source file's bytes."""
-    inputs = {"base_model": base_fingerprint}
-    for s in TRAINING_STAGES:
-        for name, fp in load_data_spec(recipe.stage_config(s).data.spec).source_fingerprints(recipe.data_path).items():
+def source_fingerprints(recipe: Recipe) -> dict[str, str]:
+    """Every source file's bytes, by `<stage>/<source name>` (the base model is an ordinary input)."""
+    inputs = {}
+    for s, mixture in mixtures(recipe).items():
+        for name, fp in load_data_spec(mixture.spec).source_fingerprints(recipe.data_path, allow_outside_data_root=recipe.allow_outside_data_root).items():
             inputs[f"{s}/{name}"] = fp
     return inputs
 
@@ -376,23 +346,28 @@ def prepare_data(recipe: Recipe, *, base_model_dir: Path, out_dir: Path, progres
     """Run data-prep for all three mixtures into `out_dir` (atomically: complete or absent)."""
     summaries: dict[str, Any] = {}
     with atomic_directory(out_dir) as tmp:
-        for stage in TRAINING_STAGES:
-            mixture = recipe.stage_config(stage).data
+        for stage, mixture in mixtures(recipe).items():
             summaries[stage] = prepare_mixture(
                 stage, mixture, data_root=recipe.data_path, base_model_dir=base_model_dir,
                 policy=recipe.data_prep.validation_policy, out=tmp / stage, progress=progress,
+                allow_outside_data_root=recipe.allow_outside_data_root,
             )
         if recipe.data_prep.decontaminate:
             summaries["decontamination"] = _decontaminate(recipe, tmp)
-        summaries["fingerprint"] = write_fingerprint(tmp, meta={"mixtures": {s: summaries[s]["fingerprint"] for s in TRAINING_STAGES}})
+        # Where the data came from (which of --set / TRLM_DATA_ROOT / the recipe won); at the top level,
+        # outside the per-mixture directories whose fingerprints downstream keys use.
+        (tmp / DATA_ROOT_FILE).write_text(json.dumps({"data_root": str(recipe.data_path), "origin": recipe.data_root_origin}))
+        # data_root.json names a path: left out of the fingerprint, so equal data anywhere gives equal outputs.
+        summaries["fingerprint"] = write_fingerprint(tmp, meta={"mixtures": {s: summaries[s]["fingerprint"] for s in mixtures(recipe)}},
+                                                     exclude=("checkpoints", DATA_ROOT_FILE))
     return summaries
 
 
 def _decontaminate(recipe: Recipe, out: Path) -> dict:
-    from trlm.eval.decontamination import check_overlap
+    from trlm.stages.decontamination import check_overlap
 
     texts = {}
-    for stage in TRAINING_STAGES:
+    for stage in mixtures(recipe):
         table = pq.read_table(out / stage / "train.parquet")
         from transformers import AutoTokenizer
 
@@ -404,26 +379,37 @@ def _decontaminate(recipe: Recipe, out: Path) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default=None, help="recipe name or YAML path (default offline-smoke)")
-    parser.add_argument("--set", action="append", default=[], help="override key=value")
-    parser.add_argument("--base-model", required=True, type=Path, help="base checkpoint directory (tokenizer)")
-    parser.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    try:
-        recipe = load_recipe(args.recipe, args.set)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        summary = prepare_data(recipe, base_model_dir=args.base_model, out_dir=args.out)
-    except DataValidationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(json.dumps(summary, indent=2, default=str))
+# --- the stage declaration -----------------------------------------------------------------------
 
 
-if __name__ == "__main__":
-    main()
+def _run(ctx: StageContext) -> dict:
+    summary = prepare_data(ctx.recipe, base_model_dir=ctx.inputs["base"], out_dir=ctx.out)
+    for i, stage in enumerate(mixtures(ctx.recipe)):
+        s = summary[stage]
+        ctx.on_log({"rows_in": s["rows_in"], "rows_out": s["rows_out"], "total_tokens": s["total_tokens"], "truncated": s["truncated"]}, i)
+    # Each consuming stage's dataset is handed on by its own fingerprint.
+    return {"_outputs": {stage: summary[stage]["fingerprint"] for stage in mixtures(ctx.recipe)}}
+
+
+def _headline(out: Path) -> dict[str, float]:
+    headline = {}
+    for stats_file in sorted(out.glob("*/stats.json")):
+        stats = json.loads(stats_file.read_text())
+        headline[f"{stats_file.parent.name} rows"] = stats.get("rows_out", 0)
+        headline[f"{stats_file.parent.name} tokens"] = stats.get("total_tokens", 0)
+    return headline
+
+
+STAGE = Stage(
+    name="data-prep",
+    section="data_prep",
+    config=DataPrepConfig,
+    inputs=lambda recipe: {"base": f"{BASE}:{MODEL}"},
+    external_inputs=source_fingerprints,
+    key_config=data_prep_config,
+    hands_on="parts",
+    run=_run,
+    headline=_headline,
+    libraries=("transformers", "tokenizers", "datasets", "pyarrow"),
+    description="validate, render, tokenize, mask and truncate each training stage's mixture",
+)

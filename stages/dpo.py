@@ -19,9 +19,14 @@ What it does, top to bottom (`train_dpo`):
    (micro-batches and processes). Gradients are clipped to `max_grad_norm` (0.2 in the recipe).
    Every `logging_steps`: `on_log(metrics, step)` with loss, rewards/chosen, rewards/rejected,
    rewards/accuracies (strict >), rewards/margins, logps/chosen, logps/rejected, grad_norm,
-   learning_rate, tokens_per_second, pairs_per_second, epoch. Checkpoints as in SFT.
+   learning_rate, tokens_per_second, pairs_per_second, epoch. Checkpoints, and the stop on a
+   NaN/inf loss or gradient norm before the step is applied (`loop.NonFiniteError`), as in SFT.
 5. Write `out_dir/model/`, `metrics.json`, then `fingerprint.json` last; then delete
    `checkpoints/` unless `keep_checkpoints`.
+
+Setup, resume, the logging window, checkpoints and the artifact are shared with SFT as plain
+functions (`stages/loop.py`); this file holds what is DPO's own: pair batches, the shared-prompt
+layout, the reference log-probs and the loop body.
 
 Trade-offs:
 * Precomputed reference log-probs cost one extra forward pass over the data up front (~1/3 of a
@@ -46,9 +51,7 @@ Usage:
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,49 +59,30 @@ from typing import Callable
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
 
-from trlm.artifacts import read_fingerprint
+from trlm.artifacts import atomic_file, read_fingerprint
 from trlm.recipe import DPOStageConfig
-from trlm.stages.losses import chunked_sequence_logps, dpo_loss, dpo_metrics
-from trlm.stages.training import (
-    IGNORE_INDEX,
-    Ragged,
-    Stopwatch,
-    build_optimizer,
-    build_scheduler,
-    remove_incomplete,
-    clip_gradients,
-    compile_blocks,
-    collate,
-    data_fingerprint,
-    disable_dropout,
-    enable_gradient_checkpointing,
-    env_summary,
-    export_model,
-    finish_stage,
-    finished_summary,
-    install_head_forward,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model,
-    load_ragged,
-    load_tokenizer,
-    make_accelerator,
-    micro_batch_rows,
-    parse_stage_args,
-    plan_steps,
+from trlm.stage import MODEL, Stage, StageContext, mixture_check, section_without_mixture
+from trlm.stages.attention import install_head_forward
+from trlm.stages.batching import Ragged, collate, micro_batch_rows, to_device, unpack_rows
+from trlm.stages.checkpoints import finished_summary
+from trlm.stages.entry import stage_main
+from trlm.stages.losses import IGNORE_INDEX, chunked_sequence_logps, dpo_loss, dpo_metrics
+from trlm.stages.loop import (
+    LogWindow,
+    OnLog,
+    due,
+    finish,
+    log_metrics,
+    maybe_resume,
+    optimizer_step,
+    prepare_training,
     progress_bar,
-    reduce_sums,
-    resize_for_tokenizer,
-    save_checkpoint,
-    set_end_of_turn,
-    to_device,
-    trainer_state,
-    unpack_rows,
+    save_if_due,
+    setup_training,
 )
+from trlm.stages.modeling import disable_dropout
 
-OnLog = Callable[[dict[str, float], int], None]
 COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
 REFERENCE_FILE = "reference_logps.pt"
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -110,7 +94,7 @@ def pair_batch(data: dict[str, Ragged], rows, *, padding_free: bool, pad_id: int
     share_prompt (padding-free only): the row holds, per pair, the chosen sequence and then only the
     rejected tokens after the two sides' common prefix (the prompt, at least). Labels, lengths and
     the head see the full sequences (`virtual` layout); `to_virtual`/`to_real` map between the two
-    (`training.packed_sdpa_attention`). Exact: under causal attention a prefix's hidden states do
+    (`attention.packed_sdpa_attention`). Exact: under causal attention a prefix's hidden states do
     not depend on what follows it.
     """
     chosen = [data["chosen_input_ids"][i] for i in rows]
@@ -231,9 +215,8 @@ def load_or_compute_reference(accelerator, model, data, cfg: DPOStageConfig, *, 
                                   share_prompt=shares_prompt(cfg))
     ref["key"] = key
     if accelerator.is_main_process:
-        tmp = path.with_name(f".tmp-{path.name}")
-        torch.save(ref, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path, binary=True) as f:
+            torch.save(ref, f)
     accelerator.wait_for_everyone()
     return ref
 
@@ -243,68 +226,41 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
     if (done := finished_summary(out_dir)) is not None:
         return done
-    train = cfg.train
-    accelerator, dtype, precision = make_accelerator(train.precision)
-    is_main = accelerator.is_main_process
-    set_seed(train.seed)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete(out_dir)
-    accelerator.wait_for_everyone()
-
-    # --- data ------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    data = load_ragged(data_dir / "train.parquet", COLUMNS)
-    n_rows = len(data["chosen_input_ids"])
-    plan = plan_steps(n_rows, train, accelerator.num_processes)
-    data_fp = data_fingerprint(data_dir)
+    # (its embedding resize is a no-op after stage 2, which already added <think>)
+    setup = setup_training(cfg, "dpo", model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, columns=COLUMNS)
+    accelerator, plan, data, train = setup.accelerator, setup.plan, setup.data, cfg.train
 
     # --- policy (and, without precomputation, a frozen reference copy) ---------------------------
-    model = load_model(model_dir, dtype, train.attn_implementation)
-    resize_for_tokenizer(model, tokenizer)  # a no-op after stage 2, which already added <think>
-    pad_id = set_end_of_turn(model, tokenizer)
-    disable_dropout(model)
+    disable_dropout(setup.model)
     reference = None
     if not cfg.precompute_ref_logps:
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        reference = copy.deepcopy(setup.model).requires_grad_(False).eval()
         install_head_forward(reference)
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
-    if train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if train.compile:
-        compile_blocks(model)
-    install_head_forward(model)
-    optimizer = build_optimizer(model, train.learning_rate, train.weight_decay)
-    scheduler = build_scheduler(optimizer, train, plan.total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare_training(setup)
 
     # --- reference log-probs, from the starting weights (so before any resume) --------------------
     ref_table, reference_s = None, 0.0
     if cfg.precompute_ref_logps:
-        key = {"data": data_fp, "model": read_fingerprint(model_dir) or str(model_dir.resolve()), "precision": precision}
+        key = {"data": setup.data_fp, "model": read_fingerprint(model_dir) or str(model_dir.resolve()), "precision": setup.precision}
         started = time.perf_counter()
-        ref_table = load_or_compute_reference(accelerator, model, data, cfg, key=key, out_dir=out_dir, pad_id=pad_id)
+        ref_table = load_or_compute_reference(accelerator, model, data, cfg, key=key, out_dir=out_dir, pad_id=setup.pad_id)
         reference_s = time.perf_counter() - started
-
-    # --- resume ----------------------------------------------------------------------------------
-    step, history, runtime_s, total_tokens = 0, [], 0.0, 0.0
-    if (checkpoint := latest_checkpoint(out_dir)) is not None:
-        state = load_checkpoint(accelerator, checkpoint, cfg, data_fp=data_fp)
-        step, history, runtime_s, total_tokens = state["step"], state["history"], state["runtime_s"], state["total_tokens"]
+    step, progress = maybe_resume(setup)
 
     # --- the loop --------------------------------------------------------------------------------
     accum, pairs_per_micro = train.grad_accum_steps, train.batch_size
     share_prompt = shares_prompt(cfg)
-    window = dict.fromkeys(("micro_batches", "pairs", "tokens", *METRIC_KEYS), 0.0)
-    window_steps, window_grad_norm = 0, 0.0
-    watch = Stopwatch()
-    bar = progress_bar(plan.total_steps, step, "dpo", is_main)
+    window = LogWindow(("micro_batches", "pairs", *METRIC_KEYS), rates=("tokens", "pairs"))
+    bar = progress_bar(setup, step)
     model.train()
     try:
         while step < plan.total_steps:
+            step_loss = 0.0
             for i, g in enumerate(range(step * accum, (step + 1) * accum)):
-                rows = micro_batch_rows(plan, n_rows, train.batch_size, train.seed, g, accelerator.process_index, accelerator.num_processes)
-                batch = to_device(pair_batch(data, rows, padding_free=train.padding_free, pad_id=pad_id, share_prompt=share_prompt), accelerator.device)
+                rows = micro_batch_rows(plan, setup.n_rows, train.batch_size, train.seed, g, accelerator.process_index, accelerator.num_processes)
+                batch = pair_batch(data, rows, padding_free=train.padding_free, pad_id=setup.pad_id, share_prompt=share_prompt)
+                batch = to_device(batch, accelerator.device)
                 with accelerator.no_sync(model) if i < accum - 1 else nullcontext():
                     logps, tokens = forward_logps(model, batch)  # chosen and rejected in ONE pass
                     b = len(rows)
@@ -319,82 +275,59 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
                     )
                     # Mean over the step's pairs on this process; DDP averages over processes.
                     accelerator.backward(losses.sum() / (pairs_per_micro * accum))
+                # Micro-batches have equal size: the mean of their means is the mean over the pairs.
                 metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
-                for k in METRIC_KEYS:  # micro-batches have equal size: mean of means = mean over pairs
-                    window[k] += metrics[k]
-                window["micro_batches"] += 1
-                window["pairs"] += b
-                window["tokens"] += float(sum(batch["seq_lengths"]))
+                step_loss += metrics["loss"]
+                window.add({**metrics, "micro_batches": 1, "pairs": b, "tokens": sum(batch["seq_lengths"])})
 
-            grad_norm = clip_gradients(accelerator, model, train.max_grad_norm)
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, learning_rate = optimizer_step(setup, model, optimizer, scheduler, step=step + 1, loss=step_loss)
             step += 1
-            window_steps += 1
-            window_grad_norm += grad_norm
+            window.end_step(grad_norm)
             bar.update(1)
 
-            if step % train.logging_steps == 0 or step == plan.total_steps:
-                sums = reduce_sums(accelerator, window)
-                elapsed = watch.elapsed()
-                total_tokens += sums["tokens"]
-                metrics = {k: sums[k] / sums["micro_batches"] for k in METRIC_KEYS}
-                metrics |= {
-                    "grad_norm": window_grad_norm / window_steps,
-                    "learning_rate": learning_rate,
-                    "tokens_per_second": sums["tokens"] / elapsed,
-                    "pairs_per_second": sums["pairs"] / elapsed,
-                    "epoch": step * accum / plan.micro_batches_per_epoch,
-                    "num_tokens": total_tokens,
-                }
-                history.append({"step": step, **metrics})
+            if due(step, train.logging_steps, plan.total_steps):
+                sums, shared = window.flush(setup, progress, step, learning_rate)
+                metrics = {k: sums[k] / sums["micro_batches"] for k in METRIC_KEYS} | shared
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                window = dict.fromkeys(window, 0.0)
-                window_steps, window_grad_norm = 0, 0.0
-                runtime_s += elapsed
-                watch.reset()
-                if on_log is not None and is_main:
-                    on_log(metrics, step)
-
-            if step % train.save_steps == 0 or step == plan.total_steps:
-                with watch.excluded():
-                    state = trainer_state(cfg, plan, step, data_fp=data_fp, runtime_s=runtime_s, total_tokens=total_tokens, history=history)
-                    save_checkpoint(accelerator, out_dir, step, state, keep=train.save_total_limit)
+                log_metrics(setup, progress, step, metrics, on_log)
+            save_if_due(setup, step, progress, window.watch)
     finally:
         bar.close()
 
     # --- the artifact ----------------------------------------------------------------------------
-    export_model(accelerator, model, tokenizer, out_dir)
-    last = history[-1] if history else {}
-    summary = {
-        **{k: v for k, v in last.items() if k != "step"},
-        "steps": plan.total_steps,
-        "train_runtime_s": runtime_s,
-        "train_tokens_per_second": total_tokens / max(runtime_s, 1e-9),
+    extra = {
         "reference_logps_s": reference_s,  # this call's precompute (about 0 when reused on resume)
         "shared_prompt": share_prompt,
-        "pairs": n_rows,
-        "model_dir": str(out_dir / "model"),
+        "pairs": setup.n_rows,
     }
-    if is_main:
-        finish_stage(out_dir, summary, history, meta={"stage": "dpo", **env_summary(accelerator, precision)}, keep_checkpoints=train.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return summary
+    return finish(setup, model, progress, extra)
+
+
+# --- the stage declaration -----------------------------------------------------------------------
+
+
+def _run(ctx: StageContext) -> dict:
+    return train_dpo(ctx.config, model_dir=ctx.inputs["model"], data_dir=ctx.inputs["data"], out_dir=ctx.out, on_log=ctx.on_log)
+
+
+STAGE = Stage(
+    name="dpo",
+    section="dpo",
+    config=DPOStageConfig,
+    inputs=lambda recipe: {"model": f"sft-think:{MODEL}", "data": "data-prep:dpo"},
+    key_config=section_without_mixture("dpo"),
+    check=mixture_check("dpo", "preference"),
+    hands_on=MODEL,
+    run=_run,
+    launch_inputs=("model", "data"),
+    libraries=("torch", "transformers", "tokenizers", "accelerate", "einops"),
+    register_alias="candidate",  # the pipeline's final model: `<recipe>@candidate` in the registry
+    description="preference optimisation on chosen/rejected pairs",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tqdm.auto import tqdm
-
-    args, cfg = parse_stage_args(argv, "Preference optimisation stage (dpo).", "dpo", DPOStageConfig)
-
-    def print_metrics(metrics: dict[str, float], step: int) -> None:
-        tqdm.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}))
-
-    summary = train_dpo(cfg, model_dir=args.model_dir, data_dir=args.data_dir, out_dir=args.out_dir, on_log=print_metrics)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, once
-        print(json.dumps(summary, indent=1))
+    stage_main(argv, train_dpo, "Preference optimisation stage (dpo).", (STAGE.name,), DPOStageConfig)
 
 
 if __name__ == "__main__":

@@ -44,19 +44,19 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
-SFT_LOSS_TYPES: tuple[str, ...] = ("nll", "dft")
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "apo_zero", "ipo", "hinge", "robust")
-# DPO loss types whose formula has no label-smoothing term: a non-zero value is an error for them.
-_DPO_TYPES_WITHOUT_SMOOTHING: tuple[str, ...] = ("apo_zero", "ipo", "hinge")
-# Attribute that the training loop sets on the model before each forward for NEFTune (see below).
-NEFTUNE_LENGTHS_ATTR = "_neftune_seq_lengths"
+# The loss families are defined once, in the recipe schema (core, which must not import the stages),
+# so the schema accepts exactly what is implemented here. LABEL_SMOOTHING_LOSSES: the DPO types whose
+# formula has a label-smoothing term; a non-zero value is an error for the others.
+from trlm.recipe import DPO_LOSS_TYPES, LABEL_SMOOTHING_LOSSES, SFT_LOSS_TYPES  # re-exported
+
+from trlm.stage import IGNORE_INDEX  # re-exported: the one definition of an untrained position's label
 
 __all__ = [
     "IGNORE_INDEX",
     "SFT_LOSS_TYPES",
     "DPO_LOSS_TYPES",
-    "NEFTUNE_LENGTHS_ATTR",
+    "LABEL_SMOOTHING_LOSSES",
+    "NEFTune",
     "sequence_logps",
     "count_target_tokens",
     "sft_token_loss_sum",
@@ -337,10 +337,10 @@ def dpo_loss(
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing > 0 and loss_type in _DPO_TYPES_WITHOUT_SMOOTHING:
+    if label_smoothing > 0 and loss_type not in LABEL_SMOOTHING_LOSSES:
         raise ValueError(
             f"label_smoothing={label_smoothing} has no effect with loss_type {loss_type!r}; "
-            f"it is only used by: {', '.join(t for t in DPO_LOSS_TYPES if t not in _DPO_TYPES_WITHOUT_SMOOTHING)}"
+            f"it is only used by: {', '.join(LABEL_SMOOTHING_LOSSES)}"
         )
     shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(shapes) != 1:
@@ -433,28 +433,43 @@ def neftune_noise(embeddings: torch.Tensor, alpha: float, seq_lengths: torch.Ten
     return embeddings + (noise * scale).to(embeddings.dtype)
 
 
-def attach_neftune(model: torch.nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
+class NEFTune:
+    """The NEFTune hook of `attach_neftune`, and the lengths it reads.
+
+    `lengths`: the per-token document lengths of the NEXT training forward, broadcastable to
+    [B, T, 1] (see `neftune_noise`); the training loop sets it before each forward. None: the row
+    length T is used. `remove()` restores the clean embeddings.
+    """
+
+    def __init__(self, alpha: float, lengths: torch.Tensor | int | None = None) -> None:
+        self.alpha = alpha
+        self.lengths = lengths
+        self.handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def attach_neftune(model: torch.nn.Module, alpha: float, lengths: torch.Tensor | int | None = None) -> NEFTune:
     """Add NEFTune noise to `model.get_input_embeddings()`'s output in training mode only.
 
     The hook adds `neftune_noise` only when the embedding module is in training mode
     (`module.training`): evaluation and generation (after `model.eval()`) see clean embeddings.
-    The per-token document lengths are read from `model._neftune_seq_lengths`
-    (`NEFTUNE_LENGTHS_ATTR`), which the training loop sets before EACH forward to a tensor
-    broadcastable to [B, T, 1] (see `neftune_noise`); when it is None or unset, the row length T is
-    used. Set it on the same (unwrapped) model object that is passed here.
+    It reads the document lengths from the returned holder (`NEFTune.lengths`), a closure, not an
+    attribute on the model: the caller sets `holder.lengths` before each training forward.
 
-    Returns the hook handle: `handle.remove()` restores the clean embeddings.
+    Returns the holder: `holder.remove()` restores the clean embeddings.
     """
     if alpha < 0:
         raise ValueError(f"NEFTune alpha must be >= 0, got {alpha}")
     embedding_module = model.get_input_embeddings()
+    state = NEFTune(alpha, lengths)
 
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return output
-        lengths = getattr(model, NEFTUNE_LENGTHS_ATTR, None)
-        if lengths is None:
-            lengths = output.shape[1]
-        return neftune_noise(output, alpha, lengths)
+        return neftune_noise(output, alpha, output.shape[1] if state.lengths is None else state.lengths)
 
-    return embedding_module.register_forward_hook(hook)
+    state.handle = embedding_module.register_forward_hook(hook)
+    return state

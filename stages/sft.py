@@ -6,7 +6,8 @@ What it does, top to bottom (`train_sft`):
 2. Load the data directory written by data-prep (`train.parquet` with `input_ids`/`labels`,
    `tokenizer/`) and the starting model (`model_dir`, a standard HF checkpoint).
 3. If the tokenizer has tokens the model lacks (`<think>`, `</think>` in stage 2), grow the tied
-   embedding once, each new row = the mean of its text pieces' rows (see training.resize_for_tokenizer). eos = pad = `<|im_end|>`.
+   embedding once, each new row = the mean of its text pieces' rows (`modeling.resize_for_tokenizer`).
+   eos = pad = `<|im_end|>`.
 4. AdamW (no decay on biases/norm gains), warmup + constant/linear/cosine/cosine_with_min_lr,
    optional gradient checkpointing and NEFTune (training forward passes only).
 5. Resume from the newest complete checkpoint in `out_dir/checkpoints/` if there is one.
@@ -15,17 +16,22 @@ What it does, top to bottom (`train_sft`):
    processes and divided by the number of target tokens of the WHOLE step, so batch 8 x accum 1
    and batch 1 x accum 8 give the same gradient. The logits are never materialised: the backbone
    gives hidden states and `chunked_sft_loss_sum` projects only target positions, in fp32 chunks.
-   Gradients are clipped to `max_grad_norm`. Every `logging_steps`: `on_log(metrics, step)` with
+   Gradients are clipped to `max_grad_norm`. A NaN or infinite loss or gradient norm stops the
+   stage (`loop.NonFiniteError`: the step, the last good checkpoint) before the step is applied:
+   nothing broken is exported or handed on. Every `logging_steps`: `on_log(metrics, step)` with
    loss, mean_token_accuracy, grad_norm, learning_rate, tokens_per_second, epoch. Every
    `save_steps` and at the end: an atomic checkpoint (model, optimizer, scheduler, RNG, data
    position).
 7. Write `out_dir/model/` (HF safetensors + tokenizer + generation config), `metrics.json`, then
    `fingerprint.json` last; then delete `checkpoints/` unless `keep_checkpoints`.
 
+Setup, resume, the logging window, checkpoints and the artifact are shared with DPO as plain
+functions (`stages/loop.py`); this file holds what is SFT's own: NEFTune and the loop body.
+
 Trade-offs:
 * Padding-free batching (default) packs a micro-batch into one row: no compute on padding, the
   same loss as a padded batch (tested to 1e-5 in fp32). The default attention kernel
-  (`training.packed_sdpa_attention`) attends within each document only: varlen flash attention on
+  (`attention.packed_sdpa_attention`) attends within each document only: varlen flash attention on
   a GPU, one SDPA call per document on a CPU. transformers' `sdpa` would compute every
   cross-document block of a dense [T, T] mask (28% of the CPU step time at batch 8 x ~226 tokens).
 * `compile: true` compiles each layer's norms and MLP: +26% tokens/s on an H100 (97k -> 123k at
@@ -51,51 +57,30 @@ batch_size x grad_accum_steps x num_processes. (Several CPU processes, gloo DDP,
 
 from __future__ import annotations
 
-import json
-import os
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Callable
-
-from accelerate.utils import set_seed
 
 from trlm.recipe import SFTStageConfig
+from trlm.stage import BASE, MODEL, Stage, StageContext, mixture_check, section_without_mixture
+from trlm.stages.batching import collate, micro_batch_rows, to_device
+from trlm.stages.checkpoints import finished_summary
+from trlm.stages.entry import stage_main
 from trlm.stages.losses import attach_neftune, chunked_sft_loss_sum, count_target_tokens
-from trlm.stages.training import (
-    Stopwatch,
-    build_optimizer,
-    build_scheduler,
-    remove_incomplete,
-    clip_gradients,
-    compile_blocks,
-    collate,
-    data_fingerprint,
-    enable_gradient_checkpointing,
-    env_summary,
-    export_model,
-    finish_stage,
-    finished_summary,
-    install_head_forward,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model,
-    load_ragged,
-    load_tokenizer,
-    make_accelerator,
-    micro_batch_rows,
-    parse_stage_args,
-    plan_steps,
+from trlm.stages.loop import (
+    LogWindow,
+    OnLog,
+    due,
+    finish,
+    log_metrics,
+    maybe_resume,
+    optimizer_step,
+    prepare_training,
     progress_bar,
     reduce_sums,
-    resize_for_tokenizer,
-    save_checkpoint,
-    set_end_of_turn,
-    to_device,
-    trainer_state,
+    save_if_due,
+    setup_training,
 )
-
-OnLog = Callable[[dict[str, float], int], None]
 
 
 def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: Path, on_log: OnLog | None = None) -> dict:
@@ -103,49 +88,18 @@ def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
     if (done := finished_summary(out_dir)) is not None:
         return done
-    train = cfg.train
-    accelerator, dtype, precision = make_accelerator(train.precision)
-    is_main = accelerator.is_main_process
-    set_seed(train.seed)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete(out_dir)  # half-written checkpoints of a killed run are never resumed from
-    accelerator.wait_for_everyone()
-
-    # --- data ------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    data = load_ragged(data_dir / "train.parquet", ["input_ids", "labels"])
-    n_rows = len(data["input_ids"])
-    plan = plan_steps(n_rows, train, accelerator.num_processes)
-    data_fp = data_fingerprint(data_dir)
-
-    # --- model -----------------------------------------------------------------------------------
-    model = load_model(model_dir, dtype, train.attn_implementation)
-    added_tokens = resize_for_tokenizer(model, tokenizer)  # <think>, </think> in stage 2
-    pad_id = set_end_of_turn(model, tokenizer)
-    if train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if train.compile:
-        compile_blocks(model)
-    base = model  # the unwrapped model: NEFTune reads its per-token document lengths from it
-    neftune = attach_neftune(base, cfg.neftune_alpha) if cfg.neftune_alpha else None
-    install_head_forward(model)
-    optimizer = build_optimizer(model, train.learning_rate, train.weight_decay)
-    scheduler = build_scheduler(optimizer, train, plan.total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    # --- resume ----------------------------------------------------------------------------------
-    step, history, runtime_s, total_tokens = 0, [], 0.0, 0.0
-    if (checkpoint := latest_checkpoint(out_dir)) is not None:
-        state = load_checkpoint(accelerator, checkpoint, cfg, data_fp=data_fp)
-        step, history, runtime_s, total_tokens = state["step"], state["history"], state["runtime_s"], state["total_tokens"]
+    setup = setup_training(cfg, "sft", model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, columns=["input_ids", "labels"])
+    accelerator, plan, data, train = setup.accelerator, setup.plan, setup.data, cfg.train
+    # NEFTune's hook goes on the model before accelerate wraps it; the loop hands it each
+    # micro-batch's per-token document lengths.
+    neftune = attach_neftune(setup.model, cfg.neftune_alpha) if cfg.neftune_alpha else None
+    model, optimizer, scheduler = prepare_training(setup)
+    step, progress = maybe_resume(setup)
 
     # --- the loop --------------------------------------------------------------------------------
     accum = train.grad_accum_steps
-    window = {"loss_sum": 0.0, "targets": 0.0, "correct": 0.0, "tokens": 0.0}
-    window_steps, window_grad_norm = 0, 0.0
-    watch = Stopwatch()
-    bar = progress_bar(plan.total_steps, step, "sft", is_main)
+    window = LogWindow(("loss_sum", "targets", "correct"))
+    bar = progress_bar(setup, step)
     model.train()
     try:
         while step < plan.total_steps:
@@ -153,16 +107,18 @@ def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
             # divisor of every micro-batch's loss sum (the gradient-accumulation rule).
             micro_batches = []
             for g in range(step * accum, (step + 1) * accum):
-                rows = micro_batch_rows(plan, n_rows, train.batch_size, train.seed, g, accelerator.process_index, accelerator.num_processes)
+                rows = micro_batch_rows(plan, setup.n_rows, train.batch_size, train.seed, g, accelerator.process_index, accelerator.num_processes)
                 sequences = [(data["input_ids"][i], data["labels"][i]) for i in rows]
-                micro_batches.append(to_device(collate(sequences, padding_free=train.padding_free, pad_id=pad_id), accelerator.device))
+                micro_batches.append(to_device(collate(sequences, padding_free=train.padding_free, pad_id=setup.pad_id), accelerator.device))
             local_targets = sum(count_target_tokens(mb["labels"]) for mb in micro_batches)
             step_targets = max(1.0, reduce_sums(accelerator, {"n": local_targets})["n"])
 
+            step_loss = 0.0
             for i, mb in enumerate(micro_batches):
                 # DDP: all-reduce the gradients only once, on the step's last micro-batch.
                 with accelerator.no_sync(model) if i < accum - 1 else nullcontext():
-                    base._neftune_seq_lengths = mb["doc_lengths"]
+                    if neftune is not None:
+                        neftune.lengths = mb["doc_lengths"]
                     head = partial(chunked_sft_loss_sum, labels=mb["labels"], loss_type=cfg.loss_type)
                     loss_sum, n_targets, n_correct = model(
                         mb["input_ids"], head=head, position_ids=mb["position_ids"], attention_mask=mb["attention_mask"],
@@ -170,82 +126,66 @@ def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
                     )
                     # DDP/FSDP average gradients over processes; x num_processes turns that into a sum.
                     accelerator.backward(loss_sum / step_targets * accelerator.num_processes)
-                window["loss_sum"] += float(loss_sum.detach())
-                window["targets"] += float(n_targets)
-                window["correct"] += float(n_correct)
-                window["tokens"] += float(sum(mb["seq_lengths"]))  # non-padding tokens
+                loss = float(loss_sum.detach())
+                step_loss += loss
+                window.add({"loss_sum": loss, "targets": n_targets, "correct": n_correct, "tokens": sum(mb["seq_lengths"])})  # non-padding tokens
 
-            grad_norm = clip_gradients(accelerator, model, train.max_grad_norm)
-            learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, learning_rate = optimizer_step(setup, model, optimizer, scheduler, step=step + 1, loss=step_loss)
             step += 1
-            window_steps += 1
-            window_grad_norm += grad_norm
+            window.end_step(grad_norm)
             bar.update(1)
 
-            if step % train.logging_steps == 0 or step == plan.total_steps:
-                sums = reduce_sums(accelerator, window)
-                elapsed = watch.elapsed()
-                total_tokens += sums["tokens"]
+            if due(step, train.logging_steps, plan.total_steps):
+                sums, shared = window.flush(setup, progress, step, learning_rate)
                 metrics = {
                     "loss": sums["loss_sum"] / max(1.0, sums["targets"]),
                     "mean_token_accuracy": sums["correct"] / max(1.0, sums["targets"]),
-                    "grad_norm": window_grad_norm / window_steps,
-                    "learning_rate": learning_rate,
-                    "tokens_per_second": sums["tokens"] / elapsed,
-                    "epoch": step * accum / plan.micro_batches_per_epoch,
-                    "num_tokens": total_tokens,
+                    **shared,
                 }
-                history.append({"step": step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-                window = dict.fromkeys(window, 0.0)
-                window_steps, window_grad_norm = 0, 0.0
-                runtime_s += elapsed
-                watch.reset()
-                if on_log is not None and is_main:
-                    on_log(metrics, step)
-
-            if step % train.save_steps == 0 or step == plan.total_steps:
-                with watch.excluded():
-                    state = trainer_state(cfg, plan, step, data_fp=data_fp, runtime_s=runtime_s, total_tokens=total_tokens, history=history)
-                    save_checkpoint(accelerator, out_dir, step, state, keep=train.save_total_limit)
+                log_metrics(setup, progress, step, metrics, on_log)
+            save_if_due(setup, step, progress, window.watch)
     finally:
         bar.close()
         if neftune is not None:
             neftune.remove()
-        base._neftune_seq_lengths = None
 
     # --- the artifact ----------------------------------------------------------------------------
-    export_model(accelerator, model, tokenizer, out_dir)
-    last = history[-1] if history else {}
-    summary = {
-        **{k: v for k, v in last.items() if k != "step"},
-        "steps": plan.total_steps,
-        "train_runtime_s": runtime_s,
-        "train_tokens_per_second": total_tokens / max(runtime_s, 1e-9),
-        "rows": n_rows,
-        "added_tokens": added_tokens,
-        "model_dir": str(out_dir / "model"),
-    }
-    if is_main:
-        finish_stage(out_dir, summary, history, meta={"stage": "sft", **env_summary(accelerator, precision)}, keep_checkpoints=train.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return summary
+    return finish(setup, model, progress, {"rows": setup.n_rows, "added_tokens": setup.added_tokens})
+
+
+# --- the stage declarations: two stages, one recipe section each ---------------------------------
+
+TRAINING_LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "einops")
+
+
+def _run(ctx: StageContext) -> dict:
+    return train_sft(ctx.config, model_dir=ctx.inputs["model"], data_dir=ctx.inputs["data"], out_dir=ctx.out, on_log=ctx.on_log)
+
+
+def _declare(name: str, model_from: str, description: str) -> Stage:
+    section = name.replace("-", "_")
+    return Stage(
+        name=name,
+        section=section,
+        config=SFTStageConfig,
+        inputs=lambda recipe: {"model": f"{model_from}:{MODEL}", "data": f"data-prep:{name}"},
+        key_config=section_without_mixture(section),
+        check=mixture_check(section, "sft"),
+        hands_on=MODEL,
+        run=_run,
+        launch_inputs=("model", "data"),
+        libraries=TRAINING_LIBRARIES,
+        description=description,
+    )
+
+
+SFT_GENERAL = _declare("sft-general", BASE, "general instruction SFT on the base model")
+SFT_THINK = _declare("sft-think", "sft-general", "reasoning SFT with <think> traces")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tqdm.auto import tqdm
-
-    args, cfg = parse_stage_args(argv, "Supervised fine-tuning stage (sft-general / sft-think).", "sft-general", SFTStageConfig)
-
-    def print_metrics(metrics: dict[str, float], step: int) -> None:
-        tqdm.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}))
-
-    summary = train_sft(cfg, model_dir=args.model_dir, data_dir=args.data_dir, out_dir=args.out_dir, on_log=print_metrics)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, once
-        print(json.dumps(summary, indent=1))
+    stage_main(argv, train_sft, "Supervised fine-tuning stage (sft-general / sft-think).", (SFT_GENERAL.name, SFT_THINK.name), SFTStageConfig)
 
 
 if __name__ == "__main__":

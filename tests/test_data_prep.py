@@ -21,8 +21,11 @@ import yaml
 
 from trlm.artifacts import hash_file, read_fingerprint, verify_fingerprint
 from trlm.data_spec import RowError, gsm8k_think, load_data_spec, resolve_rows
-from trlm.recipe import TRAINING_STAGES, load_recipe
-from trlm.stages.data_prep import IGNORE, DataValidationError, main, prepare_data, prepare_mixture
+from trlm.recipe import mixtures
+from trlm.stages.registry import get_stage, load_recipe
+
+TRAINING_STAGES = ("sft-general", "sft-think", "dpo")
+from trlm.stages.data_prep import IGNORE, DataValidationError, prepare_data, prepare_mixture
 
 THINK, THINK_CLOSE, IM_END, IM_START = "<think>", "</think>", "<|im_end|>", "<|im_start|>"
 
@@ -152,7 +155,8 @@ def prepared(smoke, tiny_model_dir, slices_root, tmp_path_factory) -> tuple[Path
 
 def test_outputs_exist(prepared):
     out, summary = prepared
-    assert sorted(p.name for p in out.iterdir()) == ["dpo", "fingerprint.json", "sft-general", "sft-think"]
+    assert sorted(p.name for p in out.iterdir()) == ["data_root.json", "dpo", "fingerprint.json", "sft-general", "sft-think"]
+    assert json.loads((out / "data_root.json").read_text())["origin"] == "TRLM_DATA_ROOT"
     assert sorted(p.name for p in out.parent.iterdir()) == ["output"]  # no temporaries left
     for stage in TRAINING_STAGES:
         d = out / stage
@@ -186,7 +190,7 @@ def test_stats_are_consistent(prepared, stage, smoke, slices_root):
     assert stats["rows_in"] == stats["rows_out"] + sum(stats["dropped"].values())
     assert len(stats["dropped_rows"]) == sum(stats["dropped"].values())
     assert stats["dropped"] == {} and stats["rows_out"] == ROWS_SELECTED[stage]  # these rows are all valid
-    max_length = smoke.stage_config(stage).data.max_length
+    max_length = mixtures(smoke)[stage].max_length
     assert stats["max_length"] == max_length
     if stage == "dpo":
         lengths = [len(r["chosen_input_ids"]) for r in rows]
@@ -197,7 +201,7 @@ def test_stats_are_consistent(prepared, stage, smoke, slices_root):
         lengths = [len(r["input_ids"]) for r in rows]
         assert stats["total_tokens"] == sum(lengths)
         assert stats["target_tokens"] == sum(sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows)
-        template = smoke.stage_config(stage).data.chat_template
+        template = mixtures(smoke)[stage].chat_template
         tokenizer = load_tok(out / stage / "tokenizer")  # with <think>, </think> for sft-think
         full_lengths = []
         for r in rows:
@@ -261,7 +265,7 @@ def test_think_tokens_are_single_ids(prepared, slices_root, smoke):
         assert len(tok) == 49154
         assert tok("a <think>\nx\n</think> b", add_special_tokens=False)["input_ids"].count(49152) == 1
         assert tok.eos_token == tok.pad_token == IM_END
-        assert tok.chat_template == smoke.stage_config(stage).data.chat_template
+        assert tok.chat_template == mixtures(smoke)[stage].chat_template
     assert summary["sft-think"]["reasoning_rows"] == ROWS_SELECTED["sft-think"]
     tok = load_tok(out / "sft-think" / "tokenizer")
     max_length = smoke.sft_think.data.max_length
@@ -349,7 +353,7 @@ def run_mixture(tmp_path, tiny_model_dir, stage, mixture_updates, rows, *, kind=
     root = tmp_path / "root"
     spec = one_file_spec(tmp_path, root, rel, rows, kind, **source)
     recipe = load_recipe("offline-smoke", check_files=False)
-    mixture = recipe.stage_config(stage).data.model_copy(update={"spec": spec, **mixture_updates})
+    mixture = mixtures(recipe)[stage].model_copy(update={"spec": spec, **mixture_updates})
     out = tmp_path / "out" / stage
     summary = prepare_mixture(stage, mixture, data_root=root, base_model_dir=tiny_model_dir, policy=policy, out=out, progress=False)
     return summary, read_table(out), out, mixture
@@ -590,21 +594,27 @@ def test_policy_error_leaves_no_output_directory(tmp_path, tiny_model_dir, monke
     assert read_fingerprint(out) == summary["fingerprint"]
 
 
-def test_cli_exits_non_zero_on_bad_rows(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_cli_exits_non_zero_on_bad_rows(tmp_path, tiny_model_dir, prefect_env):
+    """`trlm run --only data-prep` on bad rows, as a user runs it: exit 1, the message naming file,
+    row and field, no traceback on the console (it is in the run's log file), no retry, nothing written."""
+    from prefect.settings import PREFECT_API_URL
+
     root, sets = _bad_recipe(tmp_path, tiny_model_dir, "error")
-    monkeypatch.setenv("TRLM_DATA_ROOT", str(root))
-    out = tmp_path / "cli-out"
-    argv = ["--base-model", str(tiny_model_dir), "--out", str(out)] + [a for s in sets for a in ("--set", s)]
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code not in (0, None)
-    err = capsys.readouterr().err
-    assert "bad/sft-general.jsonl: row 2: field 'messages[1].role'" in err and "roles do not alternate" in err
-    assert not out.exists()
-    # a bad recipe value: exit code 2, the key named
-    with pytest.raises(SystemExit) as info:
-        main([*argv, "--set", "dpo.beta=-1"])
-    assert info.value.code == 2 and "dpo.beta" in capsys.readouterr().err
+    env = {**os.environ, "TRLM_HOME": str(tmp_path / "home"), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argv = [sys.executable, "-m", "trlm.cli", "run", "--only", "data-prep", *[a for s in sets for a in ("--set", s)]]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    console = result.stdout + result.stderr
+    print(console)
+    assert result.returncode == 1, console
+    assert "bad/sft-general.jsonl: row 2: field 'messages[1].role'" in result.stderr and "roles do not alternate" in result.stderr
+    assert "Traceback" not in console and "Retries are exhausted" not in console and "Retrying" not in console
+    log_file = Path(result.stderr.split("full log with the traceback: ")[1].split(")")[0])
+    assert "Traceback" in log_file.read_text()
+    assert not list((tmp_path / "home" / "mlartifacts").rglob("train.parquet"))
+    # a bad recipe value: exit code 2, the key named, before any compute
+    result = subprocess.run([*argv, "--set", "dpo.beta=-1"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "dpo.beta" in result.stderr
 
 
 def test_resolve_rows_keeps_origin_and_errors(tmp_path):
@@ -626,8 +636,8 @@ def test_resolve_rows_keeps_origin_and_errors(tmp_path):
 def _data_prep_key(recipe) -> tuple[dict, str]:
     from trlm.lineage import base_fingerprint, compute_key, stage_inputs
 
-    inputs = stage_inputs(recipe, "data-prep", {}, base_fingerprint(recipe))
-    return inputs, compute_key(recipe, "data-prep", inputs)
+    inputs = stage_inputs(recipe, get_stage("data-prep"), {}, base_fingerprint(recipe))
+    return inputs, compute_key(recipe, get_stage("data-prep"), inputs)
 
 
 @pytest.fixture(scope="module")
@@ -661,10 +671,11 @@ def test_same_inputs_same_fingerprints_anywhere(prepared, smoke, tiny_model_dir,
     assert inputs1 == inputs2 and key1 == key2
 
 
-def test_one_changed_row_changes_only_its_mixture(prepared, smoke, tiny_model_dir, tmp_path, monkeypatch, edited_root, slices_root):
+def test_one_changed_row_changes_only_its_mixture(prepared, smoke, tiny_model_dir, tmp_path, monkeypatch, edited_root, slices_root, spec_paths):
     _, summary1 = prepared
     inputs1, key1 = _data_prep_key(smoke)
     monkeypatch.setenv("TRLM_DATA_ROOT", str(edited_root))
+    smoke = load_recipe("offline-smoke", overrides=overrides(spec_paths, tiny_model_dir))  # data_root resolves at load
     summary2 = prepare_data(smoke, base_model_dir=tiny_model_dir, out_dir=tmp_path / "out", progress=False)
     assert summary2["sft-think"]["fingerprint"] != summary1["sft-think"]["fingerprint"]
     assert summary2["sft-general"]["fingerprint"] == summary1["sft-general"]["fingerprint"]
@@ -672,15 +683,15 @@ def test_one_changed_row_changes_only_its_mixture(prepared, smoke, tiny_model_di
     assert summary2["fingerprint"] != summary1["fingerprint"]
     inputs2, key2 = _data_prep_key(smoke)
     assert key2 != key1
-    assert {k for k in inputs1 if inputs1[k] != inputs2[k]} == {"sft-think/gsm8k"}
+    assert {k for k in inputs1 if inputs1[k] != inputs2[k]} == {"file:sft-think/gsm8k"}
 
 
 def test_data_prep_key_is_stable_across_processes(smoke, tiny_model_dir, spec_paths, slices_root):
     _, key = _data_prep_key(smoke)
     code = (
-        "import sys; from trlm.recipe import load_recipe; from trlm.lineage import base_fingerprint, compute_key, stage_inputs; "
+        "import sys; from trlm.stages.registry import get_stage, load_recipe; from trlm.lineage import base_fingerprint, compute_key, stage_inputs; "
         "r = load_recipe('offline-smoke', overrides=sys.argv[1:]); "
-        "print(compute_key(r, 'data-prep', stage_inputs(r, 'data-prep', {}, base_fingerprint(r))))"
+        "s = get_stage('data-prep'); print(compute_key(r, s, stage_inputs(r, s, {}, base_fingerprint(r))))"
     )
     env = {**os.environ, "TRLM_DATA_ROOT": str(slices_root), "PYTHONHASHSEED": "99"}
     out = subprocess.run([sys.executable, "-c", code, *overrides(spec_paths, tiny_model_dir)], capture_output=True, text=True, env=env, check=True)
@@ -704,7 +715,9 @@ def test_status_done_then_stale(tmp_path, monkeypatch, tiny_model_dir, spec_path
     from typer.testing import CliRunner
 
     from trlm.cli import app
-    from trlm.lineage import base_fingerprint, compute_key, run_stage, setup_tracking, stage_inputs
+    from trlm.lineage import base_fingerprint, code_version, compute_key, stage_config, stage_inputs
+    from trlm.tracking import setup_tracking
+    from trlm.stage_runs import Work, run_stage
 
     root = tmp_path / "data"
     shutil.copytree(slices_root, root)
@@ -714,14 +727,16 @@ def test_status_done_then_stale(tmp_path, monkeypatch, tiny_model_dir, spec_path
     sets = overrides(spec_paths, tiny_model_dir)
     recipe = load_recipe("offline-smoke", overrides=sets)
     tracker = setup_tracking(recipe)
-    inputs = stage_inputs(recipe, "data-prep", {}, base_fingerprint(recipe))
-    key = compute_key(recipe, "data-prep", inputs)
+    inputs = stage_inputs(recipe, get_stage("data-prep"), {}, base_fingerprint(recipe))
+    key = compute_key(recipe, get_stage("data-prep"), inputs)
 
     def execute(out: Path, on_log) -> dict:
         summary = prepare_data(recipe, base_model_dir=tiny_model_dir, out_dir=out, progress=False)
         return {"_outputs": {s: summary[s]["fingerprint"] for s in TRAINING_STAGES}}
 
-    outcome = run_stage(tracker, recipe, "data-prep", key, inputs, execute, parent_run_id=None)
+    prep_stage = get_stage("data-prep")
+    work = Work("data-prep", key, inputs, stage_config(recipe, prep_stage), code_version(prep_stage), prep_stage.hands_on)
+    outcome = run_stage(tracker, recipe, work, execute, parent_run_id=None)
     assert not outcome.cached
 
     def status() -> dict:
@@ -743,7 +758,7 @@ def test_status_done_then_stale(tmp_path, monkeypatch, tiny_model_dir, spec_path
     assert verify_fingerprint(path) and prep["outputs"]["all"] == read_fingerprint(path)
     assert [stages[s]["state"] for s in ("sft-general", "sft-think", "dpo", "eval")] == ["missing"] * 4
     # a second run is a cache hit
-    assert run_stage(tracker, recipe, "data-prep", key, inputs, execute, parent_run_id=None).cached
+    assert run_stage(tracker, recipe, work, execute, parent_run_id=None).cached
 
     edit_row(root / "Anthropic__hh-rlhf/harmless-base/test.jsonl.gz", 3, "Human:", "Human: Hey,")
     stages = status()

@@ -37,7 +37,7 @@ def run(tiny, shared_data, tmp_path_factory):
     import torch
 
     threads = torch.get_num_threads()
-    cfg = EvalConfig(profile="smoke", tasks=TASKS, limit=LIMIT, max_gen_toks=4, batch_size=4, num_threads=1)
+    cfg = EvalConfig(profile="smoke", tasks=TASKS, sample=LIMIT, max_gen_toks=4, batch_size=4, num_threads=1)
     doc = evaluate(model, tok, cfg, data_root=shared_data, work_dir=work, model_fingerprint="f" * 64, progress=False)
     assert torch.get_num_threads() == threads  # the thread setting applies to the evaluation only
     return doc, work, cfg
@@ -75,7 +75,7 @@ def test_recorded_settings(run, tiny):
     _, tok = tiny
     s = doc["settings"]
     assert s["model_fingerprint"] == "f" * 64
-    assert s["profile"] == "smoke" and s["limit"] == LIMIT
+    assert s["profile"] == "smoke" and s["sample"] == LIMIT and s["limit"] is None
     assert s["versions"]["lm_eval"] == importlib.metadata.version("lm_eval")
     assert s["apply_chat_template"] is True and s["fewshot_as_multiturn"] is True
     assert s["chat_template_sha256"] == hashlib.sha256(tok.chat_template.encode()).hexdigest()
@@ -89,6 +89,7 @@ def test_recorded_settings(run, tiny):
     assert gen["max_gen_toks"] == 4 and gen["do_sample"] is False and "Question:" in gen["until"]
     arc = t["arc_challenge"]["leaves"]["arc_challenge"]
     assert arc["n_total"] == 1172 and arc["n_evaluated"] == LIMIT
+    assert arc["subset"]["kind"] == "seeded" and t["arc_challenge"]["selection"] == "seeded"
     assert arc["subset"]["indices"] == choose_items("arc_challenge", 1172, LIMIT, cfg.seed)  # seeded, reproducible
     assert arc["subset"]["indices"] == sorted(arc["subset"]["indices"])
     assert len(arc["config_sha256"]) == 64
@@ -147,4 +148,58 @@ def test_evaluate_checkpoint_reads_or_computes_the_fingerprint(tiny_model_dir, s
     fp = write_fingerprint(ckpt)
     doc2 = evaluate_checkpoint(str(ckpt), cfg, data_root=shared_data, work_dir=tmp_path / "w", progress=False)
     assert doc2["settings"]["model_fingerprint"] == fp
-    assert doc2["results"] == doc["results"]  # same model, same seeded subset
+    assert doc2["results"] == doc["results"]  # same model, same items (the first 2)
+
+
+def test_limit_is_lm_evals_first_n_and_sample_a_seeded_subset(shared_data, tmp_path):
+    """`limit` N = lm-eval's `--limit N` (the first N items); `sample` N = a seeded subset. No model runs."""
+    from trlm.eval.harness import _task_manager
+    from trlm.eval.mirror import build_mirror, offline_datasets
+    from trlm.eval.tasks import TaskPlanError, choose_items, load_task
+
+    tm = _task_manager()
+    with offline_datasets(build_mirror(shared_data, tmp_path, ["allenai/ai2_arc", "cais/mmlu"])):
+        for profile in ("full", "smoke"):
+            _, plan, samples = load_task(tm, "arc_challenge", data_root=shared_data, profile=profile, limit=5, seed=1)
+            assert samples == {} and plan.selection == "first" and plan.items_per_leaf == 5  # lm-eval's own limit=5
+            assert any("first 5 items" in n for n in plan.notes)
+        _, plan, samples = load_task(tm, "arc_challenge", data_root=shared_data, profile="full", limit=None, sample=5, seed=1)
+        assert plan.selection == "seeded" and samples == {"arc_challenge": choose_items("arc_challenge", 1172, 5, 1)}
+        assert samples["arc_challenge"] != [0, 1, 2, 3, 4]
+        _, plan, samples = load_task(tm, "arc_challenge", data_root=shared_data, profile="full", limit=None, seed=1)
+        assert plan.selection == "all" and samples == {}
+        with pytest.raises(TaskPlanError, match="not both"):
+            load_task(tm, "arc_challenge", data_root=shared_data, profile="full", limit=5, sample=5, seed=1)
+        # groups: the limit applies to each subtask, as in lm-eval; smoke still samples the subtasks
+        group, plan, samples = load_task(tm, "mmlu", data_root=shared_data, profile="smoke", limit=2, seed=1)
+        assert samples == {} and plan.selection == "first" and len(plan.subtasks) == SMOKE_SUBTASKS["mmlu"]
+
+
+def test_limit_scores_the_items_lm_eval_limit_scores(tiny, shared_data, tmp_path):
+    """`evaluate(limit=3)` and a plain `lm_eval.simple_evaluate(limit=3)` score the same items alike."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from trlm.eval.harness import evaluate
+    from trlm.eval.mirror import offline_datasets
+
+    model, tok = tiny
+    cfg = EvalConfig(profile="full", tasks=["arc_challenge"], limit=3, batch_size=4)
+    doc = evaluate(model, tok, cfg, data_root=shared_data, work_dir=tmp_path, model_fingerprint="e" * 64, progress=False)
+    s = doc["settings"]
+    assert s["limit"] == 3 and s["sample"] is None and s["tasks"]["arc_challenge"]["selection"] == "first"
+    leaf = s["tasks"]["arc_challenge"]["leaves"]["arc_challenge"]
+    assert leaf["subset"]["kind"] == "first" and leaf["subset"]["indices"] == [0, 1, 2] and leaf["n_evaluated"] == 3
+    ours = {}
+    for line in Path(s["samples_file"]).read_text().splitlines():
+        row = json.loads(line)
+        ours[row["doc_id"]] = [float(x[0][0]) for x in row["resps"]]
+    assert sorted(ours) == [0, 1, 2]
+    with offline_datasets(Path(s["data"]["mirror"])):
+        direct = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=["arc_challenge"], limit=3,
+                                         apply_chat_template=True, fewshot_as_multiturn=True)
+    theirs = {x["doc_id"]: [float(r[0][0]) for r in x["resps"]] for x in direct["samples"]["arc_challenge"]}
+    assert sorted(theirs) == [0, 1, 2]
+    for k in theirs:
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-5)
+    assert doc["results"]["arc_challenge"]["acc"]["value"] == pytest.approx(direct["results"]["arc_challenge"]["acc,none"])

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from trlm.stages.losses import (
-    NEFTUNE_LENGTHS_ATTR,
+    DPO_LOSS_TYPES,
+    LABEL_SMOOTHING_LOSSES,
     attach_neftune,
     chunked_sequence_logps,
     chunked_sft_loss_sum,
@@ -423,9 +424,13 @@ def test_dpo_errors():
     for bad in (-0.1, 0.5, 0.7):
         with pytest.raises(ValueError, match="label_smoothing"):
             dpo_loss(**PAIRS, beta=0.1, loss_type="sigmoid", label_smoothing=bad)
-    for loss_type in ("apo_zero", "ipo", "hinge"):  # they have no smoothing term: never silently ignored
-        with pytest.raises(ValueError, match="no effect"):
+    assert set(LABEL_SMOOTHING_LOSSES) == {"sigmoid", "robust"} and set(LABEL_SMOOTHING_LOSSES) < set(DPO_LOSS_TYPES)
+    for loss_type in DPO_LOSS_TYPES:
+        if loss_type in LABEL_SMOOTHING_LOSSES:
             dpo_loss(**PAIRS, beta=0.1, loss_type=loss_type, label_smoothing=0.1)
+        else:  # no smoothing term: a setting is never silently ignored
+            with pytest.raises(ValueError, match="no effect"):
+                dpo_loss(**PAIRS, beta=0.1, loss_type=loss_type, label_smoothing=0.1)
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(**PAIRS, beta=0.0, loss_type="ipo")
 
@@ -489,7 +494,7 @@ def test_neftune_hook_train_eval_and_removal():
     diff = (noisy - clean).abs()
     assert diff.max().item() <= bound * (1 + 1e-5) and diff.max().item() > 0.9 * bound
 
-    setattr(model, NEFTUNE_LENGTHS_ATTR, torch.tensor([2, 8, 8, 8]).view(batch, 1, 1))  # row 0 has 2 real tokens
+    handle.lengths = torch.tensor([2, 8, 8, 8]).view(batch, 1, 1)  # row 0 has 2 real tokens
     diff = (model.embed(input_ids).detach() - clean).abs()
     assert diff[0].max().item() > bound  # the short row gets the larger noise alpha / sqrt(2 d)
     assert diff.max().item() <= alpha / math.sqrt(2 * 16) * (1 + 1e-5)

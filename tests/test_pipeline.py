@@ -7,7 +7,6 @@ a DPO-beta change that reruns only dpo and eval, and the lineage recorded in MLf
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trlm.recipe import STAGES, load_recipe
+from trlm.stages.registry import PIPELINE, load_recipe, stage_names
+
+STAGES = stage_names()
 
 SFT_SPEC = """
 name: tiny-{name}
@@ -30,6 +31,14 @@ kind: preference
 sources:
   - {name: hh, path: Anthropic__hh-rlhf/harmless-base/test.jsonl.gz, rows: 8, transform: hh_rlhf_pairs}
 """
+
+
+def _work():
+    """A unit of tracked work for the lineage tests (the code version is that of a real stage)."""
+    from trlm.lineage import code_version
+    from trlm.stage_runs import Work
+
+    return Work("eval:test", "k" * 64, {"model": "m"}, {}, code_version(PIPELINE[0]))
 
 
 def write_tiny_recipe(root: Path, base_model: Path, data_root: Path) -> Path:
@@ -60,29 +69,12 @@ def write_tiny_recipe(root: Path, base_model: Path, data_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "storage")
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory, tiny_model_dir, shared_data) -> Path:
     return write_tiny_recipe(tmp_path_factory.mktemp("pipeline"), tiny_model_dir, shared_data)
 
 
 def _stage_runs(recipe_path: Path):
-    from trlm.lineage import TAG_KIND, setup_tracking
+    from trlm.tracking import TAG_KIND, setup_tracking
 
     tracker = setup_tracking(load_recipe(str(recipe_path)))
     runs = tracker.client.search_runs([tracker.experiment_id], max_results=500)
@@ -108,7 +100,7 @@ def test_full_flow_runs_every_stage(first_run, tiny_recipe):
 
 
 def test_mlflow_lineage(first_run, tiny_recipe):
-    from trlm.lineage import TAG_KEY, TAG_KIND
+    from trlm.tracking import TAG_KEY, TAG_KIND
 
     tracker, runs, stage_runs = _stage_runs(tiny_recipe)
     parents = [r for r in runs if r.data.tags.get(TAG_KIND) == "pipeline"]
@@ -142,6 +134,28 @@ def test_second_run_runs_nothing(first_run, tiny_recipe):
     assert len(after) == len(before), "a cached rerun creates no stage run"
 
 
+def test_status_says_why_a_stage_is_stale(first_run, tiny_recipe, monkeypatch):
+    """An edit of the smoke subsets (eval/tasks.py, in eval's import closure) makes eval stale, and
+    only eval; a config change names the key. Simulated by changing that module's source hash."""
+    from typer.testing import CliRunner
+
+    import trlm.lineage as lineage  # code versions are computed there
+    from trlm.cli import app
+
+    real = lineage.source_hash
+    monkeypatch.setattr(lineage, "source_hash", lambda names: "edited" if names == ["trlm.eval.tasks"] else real(names))
+    result = CliRunner().invoke(app, ["status", "--recipe", str(tiny_recipe)])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.strip().split()[:1] and line.split()[0] in STAGES}
+    assert [rows[s].split()[1] for s in STAGES] == ["done"] * 4 + ["stale"]
+    assert "code: trlm.eval.tasks" in rows["eval"]
+    monkeypatch.setattr(lineage, "source_hash", real)
+    result = CliRunner().invoke(app, ["status", "--recipe", str(tiny_recipe), "--set", "dpo.beta=0.3", "--json"])
+    stages = {s["stage"]: s for s in json.loads(result.stdout)["stages"]}
+    assert stages["dpo"]["state"] == "stale" and stages["dpo"]["note"] == "config: beta"
+    assert stages["eval"]["note"].startswith("input: waits for dpo")
+
+
 def test_cli_rerun_reports_every_stage_cached(first_run, tiny_recipe):
     from typer.testing import CliRunner
 
@@ -171,7 +185,7 @@ def test_forced_rerun_reproduces_and_keeps_downstream_cached(first_run, tiny_rec
     from typer.testing import CliRunner
 
     from trlm.cli import app
-    from trlm.lineage import TAG_REPRODUCED, TAG_RERUN_OF
+    from trlm.tracking import TAG_REPRODUCED, TAG_RERUN_OF
 
     _, _, before = _stage_runs(tiny_recipe)
     result = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--force", "sft-think"])
@@ -193,8 +207,8 @@ def test_forced_rerun_reproduces_and_keeps_downstream_cached(first_run, tiny_rec
 
 def test_cache_key_is_stable_across_processes(first_run, tiny_recipe):
     code = (
-        "import json,sys; from trlm.recipe import load_recipe; from trlm.lineage import plan, setup_tracking;"
-        f"r=load_recipe({str(tiny_recipe)!r}); print(json.dumps([p.key for p in plan(r, setup_tracking(r))]))"
+        "import json,sys; from trlm.stages.registry import PIPELINE, load_recipe; from trlm.lineage import plan; from trlm.tracking import setup_tracking;"
+        f"r=load_recipe({str(tiny_recipe)!r}); print(json.dumps([p.key for p in plan(r, setup_tracking(r), PIPELINE)]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     keys = json.loads(out.stdout.strip().splitlines()[-1])
@@ -216,7 +230,8 @@ def test_only_dpo_without_upstream_fails_clearly(tmp_path, tiny_model_dir, share
 def test_resumed_stage_run_does_not_log_replayed_steps_twice(tiny_recipe, tmp_path):
     """A killed stage resumes from its last checkpoint and replays the steps after it; MLflow keeps
     one point per step (the first), and the resumed run finishes in the same MLflow run."""
-    from trlm.lineage import Tracker, run_stage
+    from trlm.tracking import Tracker
+    from trlm.stage_runs import run_stage
 
     recipe = load_recipe(str(tiny_recipe))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume-test", tmp_path)
@@ -237,8 +252,8 @@ def test_resumed_stage_run_does_not_log_replayed_steps_twice(tiny_recipe, tmp_pa
         return {}
 
     with pytest.raises(RuntimeError, match="killed"):
-        run_stage(tracker, recipe, "eval:test", "k" * 64, {"model": "m"}, execute, parent_run_id=None)
-    outcome = run_stage(tracker, recipe, "eval:test", "k" * 64, {"model": "m"}, execute, parent_run_id=None)
+        run_stage(tracker, recipe, _work(), execute, parent_run_id=None)
+    outcome = run_stage(tracker, recipe, _work(), execute, parent_run_id=None)
     assert calls[0] == calls[1], "the retry continues in the same artifact directory"
     history = tracker.client.get_metric_history(outcome.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 5.5)]
@@ -248,7 +263,8 @@ def test_resumed_stage_run_does_not_log_replayed_steps_twice(tiny_recipe, tmp_pa
 def test_a_stage_already_executing_elsewhere_is_not_entered(tiny_recipe, tmp_path):
     """Two processes on one work dir (a nightly run overlapping a manual one) must not resume the
     same stage run into the same directory at once: the second stops with a clear error."""
-    from trlm.lineage import StageBusy, Tracker, run_stage, stage_lock
+    from trlm.tracking import Tracker
+    from trlm.stage_runs import StageBusy, run_stage, stage_lock
 
     recipe = load_recipe(str(tiny_recipe))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "lock-test", tmp_path)
@@ -262,19 +278,19 @@ def test_a_stage_already_executing_elsewhere_is_not_entered(tiny_recipe, tmp_pat
         return {}
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from trlm.lineage import stage_lock\n"
+        "import sys, time; from pathlib import Path; from trlm.stage_runs import stage_lock\n"
         f"with stage_lock(Path({str(tmp_path)!r}), 'eval:test', {'k' * 64!r}):\n"
         "    print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(StageBusy, match=r"eval:test \(key kkkk.*\) is being executed by pid \d+ on .* since .*run again"):
-            run_stage(tracker, recipe, "eval:test", "k" * 64, {"model": "m"}, execute, parent_run_id=None)
+            run_stage(tracker, recipe, _work(), execute, parent_run_id=None)
         assert tracker.client.search_runs([tracker.experiment_id]) == [], "the refused process creates no MLflow run"
     finally:
         holder.kill()
         holder.wait()
     # the holder died (as a killed process would): its lock is gone with it
-    outcome = run_stage(tracker, recipe, "eval:test", "k" * 64, {"model": "m"}, execute, parent_run_id=None)
+    outcome = run_stage(tracker, recipe, _work(), execute, parent_run_id=None)
     assert not outcome.cached
     with stage_lock(tmp_path, "eval:test", "k" * 64):  # released after the stage ran
         pass

@@ -11,14 +11,17 @@ from typer.testing import CliRunner
 
 from trlm.cli import app
 from trlm.data_spec import load_data_spec
-from trlm.recipe import STAGES, Recipe, RecipeError, builtin_recipes, check_stage, load_recipe
+from trlm.recipe import Recipe, RecipeError, builtin_recipes, mixtures
+from trlm.stages.registry import get_stage, load_recipe, stage_names
+
+STAGES = stage_names()
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "trlm" / "recipes"
 
 
 @pytest.fixture(autouse=True)
 def _data_root(monkeypatch, shared_data):
-    # The shipped recipe's data_root is relative to the working directory; pin it.
+    # Pin the data root for every test (the environment wins over the recipe's data_root)
     monkeypatch.setenv("TRLM_DATA_ROOT", str(shared_data))
 
 
@@ -75,7 +78,7 @@ def test_trlm_135m_has_the_published_values():
     assert (d.data.max_prompt_length, d.data.max_length) == (1048, 2048)
     assert {g.train.precision, t.train.precision, d.train.precision} == {"bf16-pure"}
     # its sources are hub ids: validating the files needs no local data
-    specs = [load_data_spec(r.stage_config(s).data.spec) for s in ("sft-general", "sft-think", "dpo")]
+    specs = [load_data_spec(m.spec) for m in mixtures(r).values()]
     assert [s.kind for s in specs] == ["sft", "sft", "preference"]
     assert all(src.hub is not None for spec in specs for src in spec.sources)
 
@@ -177,8 +180,8 @@ def test_not_a_mapping(tmp_path):
 
 def test_unknown_stage():
     with pytest.raises(RecipeError, match="unknown stage 'nope'"):
-        check_stage("nope")
-    assert [check_stage(s) for s in STAGES] == list(STAGES)
+        get_stage("nope")
+    assert [get_stage(s).name for s in STAGES] == list(STAGES)
 
 
 # --- missing files -------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def test_cli_unknown_stage_exits_2(tmp_path, monkeypatch):
 def test_cli_stages_lists_all():
     result = cli("stages")
     assert result.exit_code == 0
-    assert result.output.split() == list(STAGES)
+    assert [line.split()[0] for line in result.output.splitlines()] == list(STAGES)
 
 
 def test_recipe_dump_round_trips(tmp_path):
@@ -313,9 +316,10 @@ def test_stage_config_in_the_cache_key_ignores_where_checkpoints_are_kept():
     kept = load_recipe("offline-smoke", ["sft_general.train.keep_checkpoints=true"])
     faster = load_recipe("offline-smoke", ["sft_general.train.learning_rate=1e-3"])
     assert kept.sft_general.train.keep_checkpoints and not plain.sft_general.train.keep_checkpoints
-    assert stage_config(kept, "sft-general") == stage_config(plain, "sft-general")
-    assert "keep_checkpoints" not in stage_config(plain, "sft-general")["train"]
-    assert stage_config(faster, "sft-general") != stage_config(plain, "sft-general")
+    sft = get_stage("sft-general")
+    assert stage_config(kept, sft) == stage_config(plain, sft)
+    assert "keep_checkpoints" not in stage_config(plain, sft)["train"]
+    assert stage_config(faster, sft) != stage_config(plain, sft)
 
 
 def test_hub_base_model_that_cannot_load_says_what_to_do(tmp_path):
@@ -329,11 +333,11 @@ def test_hub_base_model_that_cannot_load_says_what_to_do(tmp_path):
 
 
 def test_hub_reachability_probe(monkeypatch):
-    from trlm import cli
+    from trlm import process_setup
 
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # RFC 2606: never resolves
-    assert cli._hub_reachable(timeout_s=1.0) is False
+    assert process_setup.hub_reachable(timeout_s=1.0) is False
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # behind a proxy we cannot tell: assume yes
-    assert cli._hub_reachable(timeout_s=1.0) is True
+    assert process_setup.hub_reachable(timeout_s=1.0) is True

@@ -13,7 +13,8 @@ import torch
 from test_training_support import dpo_config, model_state, write_dpo_dir
 from trlm.stages import dpo as dpo_stage
 from trlm.stages.dpo import REFERENCE_FILE, pair_batch, train_dpo
-from trlm.stages.training import load_ragged
+from trlm.stages.batching import load_ragged
+from trlm.stages.loop import NonFiniteError
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
            "grad_norm", "learning_rate", "tokens_per_second", "pairs_per_second", "epoch")
@@ -74,7 +75,7 @@ def test_shared_prompt_forward_and_backward_are_exact():
     """Log-probs and every parameter gradient equal the unshared forward's (fp32), including pairs
     whose completions start alike, a pair with identical sides and one without a common prefix."""
     from conftest import make_tiny_llama
-    from trlm.stages.training import install_head_forward, register_packed_sdpa
+    from trlm.stages.attention import install_head_forward, register_packed_sdpa
 
     register_packed_sdpa()
     torch.manual_seed(0)
@@ -194,3 +195,20 @@ def test_reference_computed_once_and_resume_is_bit_identical(tmp_path, tiny_mode
     full, resumed = model_state(tmp_path / "full" / "model"), model_state(out / "model")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert torch.equal(torch.load(tmp_path / "full" / REFERENCE_FILE, weights_only=True)["chosen"], stored["chosen"])
+
+
+def test_non_finite_loss_stops_the_stage(tmp_path, tiny_model_dir, dpo_data, monkeypatch):
+    """A NaN DPO loss at step 2 (before any checkpoint): NonFiniteError before the update, saying the
+    stage starts over; no model/, metrics.json or fingerprint.json."""
+    real, calls = dpo_stage.dpo_loss, [0]
+
+    def loss(*args, **kwargs):
+        losses, chosen_rewards, rejected_rewards = real(*args, **kwargs)
+        calls[0] += 1
+        return (losses * float("nan") if calls[0] == 2 else losses), chosen_rewards, rejected_rewards
+
+    monkeypatch.setattr(dpo_stage, "dpo_loss", loss)
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError, match="dpo: non-finite loss nan and gradient norm nan at step 2.*Last good checkpoint: none: the stage starts over on rerun"):
+        run(dpo_config(max_steps=3, batch_size=2, loss_type="sigmoid"), tiny_model_dir, dpo_data, out)
+    assert not (out / "model").exists() and not (out / "fingerprint.json").exists() and not (out / "metrics.json").exists()

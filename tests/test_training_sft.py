@@ -1,4 +1,4 @@
-"""SFT stage (`stages/sft.py`) and the shared loop helpers (`stages/training.py`), on a tiny Llama.
+"""SFT stage (`stages/sft.py`) and the shared helpers (`stages/loop.py`, `batching.py`, ...), on a tiny Llama.
 
 Every test runs the real stage code on CPU in fp32 with real GSM8K chats and the real SmolLM2
 tokenizer; a stage call takes about a second.
@@ -19,18 +19,14 @@ import torch
 from conftest import make_tiny_llama
 from test_training_support import model_state, sft_config, write_sft_dir
 from trlm.stages import sft as sft_stage
+from trlm.stages.attention import install_head_forward, register_packed_sdpa
+from trlm.stages.batching import collate, load_ragged, unpack_rows
+from trlm.stages.checkpoints import CHECKPOINTS
+from trlm.stages.loop import NonFiniteError
 from trlm.stages.losses import chunked_sft_loss_sum, count_target_tokens
+from trlm.stages.modeling import resize_for_tokenizer
+from trlm.stages.optim import lr_factor
 from trlm.stages.sft import train_sft
-from trlm.stages.training import (
-    CHECKPOINTS,
-    collate,
-    install_head_forward,
-    load_ragged,
-    lr_factor,
-    register_packed_sdpa,
-    resize_for_tokenizer,
-    unpack_rows,
-)
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +250,51 @@ def test_bf16_precisions(tmp_path, tiny_model_dir, sft_data, precision, dtype):
     assert model_state(tmp_path / precision / "model")["model.norm.weight"].dtype == dtype
 
 
+# --- a non-finite step stops the stage ----------------------------------------------------------
+
+
+class NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a non-finite gradient norm under a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison_sft_loss(monkeypatch, *, call: int, kind: str) -> None:
+    """Make the `call`-th SFT loss head NaN: its loss value ("loss", the gradients stay finite) or its
+    gradient ("gradient norm", the loss stays finite)."""
+    real, calls = sft_stage.chunked_sft_loss_sum, [0]
+
+    def head(*args, **kwargs):
+        loss_sum, n_targets, n_correct = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == call:
+            loss_sum = loss_sum + float("nan") if kind == "loss" else NanGradient.apply(loss_sum)
+        return loss_sum, n_targets, n_correct
+
+    monkeypatch.setattr(sft_stage, "chunked_sft_loss_sum", head)
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient norm"])
+def test_non_finite_step_stops_the_stage(tmp_path, tiny_model_dir, sft_data, monkeypatch, kind):
+    """A NaN at step 2 raises before that step is applied, naming the step and the last good
+    checkpoint; no model/, metrics.json or fingerprint.json is written (the caller marks the run FAILED)."""
+    poison_sft_loss(monkeypatch, call=2, kind=kind)  # batch 4, accumulation 1: the 2nd forward is step 2
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError) as info:
+        run(sft_config(max_steps=4, save_steps=1), tiny_model_dir, sft_data, out)
+    message = str(info.value)
+    assert f"sft: non-finite {kind} nan at step 2" in message
+    assert f"Last good checkpoint: {out / CHECKPOINTS / 'step-000001'}" in message
+    assert not (out / "model").exists() and not (out / "fingerprint.json").exists() and not (out / "metrics.json").exists()
+    assert sorted(p.name for p in (out / CHECKPOINTS).iterdir()) == ["step-000001"]
+
+
 # --- checkpoints and resume ---------------------------------------------------------------------
 
 
@@ -313,7 +354,7 @@ def test_finished_stage_returns_saved_summary(tmp_path, tiny_model_dir, sft_data
     def boom(*a, **k):
         raise AssertionError("a finished stage must not train again")
 
-    monkeypatch.setattr(sft_stage, "make_accelerator", boom)
+    monkeypatch.setattr(sft_stage, "setup_training", boom)
     again, logs = run(sft_config(max_steps=1), tiny_model_dir, sft_data, tmp_path / "out")
     assert again == json.loads(json.dumps(summary)) and logs == []
 
@@ -351,7 +392,7 @@ def test_cli_main_with_config_file(tmp_path, tiny_model_dir, sft_data, capsys):
 def test_stage_subprocess_streams_metrics_to_on_log(tmp_path, tiny_model_dir, sft_data):
     """The flow's multi-GPU path runs the stage CLI in a subprocess (under `accelerate launch`); its
     per-step JSON lines must reach on_log (MLflow) live, and its saved summary must come back."""
-    from trlm.flows.pipeline import run_stage_process
+    from trlm.flows.launch import run_stage_process
 
     cfg = tmp_path / "sft.json"
     cfg.write_text(sft_config(max_steps=3, batch_size=2).model_dump_json())
@@ -389,6 +430,19 @@ def test_stage_cli_rejects_bad_input_before_any_compute(tmp_path, tiny_model_dir
             sft_stage.main(argv)
         assert info.value.code == 2, message
         assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_cli_rejects_a_duplicate_key_in_a_config_file(tmp_path, tiny_model_dir, sft_data, capsys):
+    """A --config file is read like a recipe: a duplicated key is an error, not "the last one wins"."""
+    import yaml
+
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(json.loads(sft_config(max_steps=1).model_dump_json())) + "loss_type: dft\n")
+    argv = ["--config", str(config), "--model-dir", str(tiny_model_dir), "--data-dir", str(sft_data), "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        sft_stage.main(argv)
+    assert info.value.code == 2 and "duplicate key 'loss_type'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -431,3 +485,38 @@ def test_packed_sdpa_rejects_lengths_that_do_not_cover_the_row():
     ids = torch.randint(0, 100, (1, 10))
     with pytest.raises(ValueError, match="sum to 9 but the row has 10"):
         model(ids, head=lambda h, w: h.sum(), position_ids=torch.arange(10)[None], packed_lengths=[4, 5])
+
+
+NAN_ON_ONE_RANK_SCRIPT = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_training_support import sft_config
+from trlm.stages import sft
+from trlm.stages.loop import NonFiniteError
+real, calls = sft.chunked_sft_loss_sum, [0]
+def head(*args, **kwargs):  # rank 1's loss is NaN at step 2, its gradients finite
+    loss_sum, *rest = real(*args, **kwargs)
+    calls[0] += 1
+    return (loss_sum + float("nan") if calls[0] == 2 and os.environ["RANK"] == "1" else loss_sum, *rest)
+sft.chunked_sft_loss_sum = head
+try:
+    sft.train_sft(sft_config(max_steps=3, batch_size=2), model_dir={model!r}, data_dir={data!r}, out_dir={out!r})
+except NonFiniteError as exc:
+    Path({out!r}, "raised-" + os.environ["RANK"]).write_text(str(exc))
+"""
+
+
+def test_non_finite_loss_on_one_process_stops_every_process(tmp_path, tiny_model_dir, sft_data):
+    """2 CPU processes, a NaN loss on rank 1 only (finite gradients, so a finite gradient norm on both):
+    the losses are reduced before the check, so both ranks raise at step 2 and none trains on alone."""
+    out = tmp_path / "ddp"
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_ON_ONE_RANK_SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir), data=str(sft_data), out=str(out)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 1000), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in ("0", "1"):
+        assert "non-finite loss nan at step 2" in (out / f"raised-{rank}").read_text()
+    assert not (out / "model").exists() and not (out / "fingerprint.json").exists()

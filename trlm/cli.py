@@ -4,16 +4,15 @@
     trlm status [--recipe ...] [--json]
     trlm eval --model PATH_OR_HUB_ID [--tasks a,b] [--limit N] [--json]
     trlm report [--recipe ...]
-    trlm up | trlm serve
+    trlm up | trlm serve | trlm stages
 
-Stages: data-prep, sft-general, sft-think, dpo, eval. The recipe is validated completely before any
-compute; a bad recipe exits with code 2 and a message naming the key or file.
+`trlm stages` lists the pipeline's stages. The recipe is validated completely before any compute;
+a bad recipe exits with code 2 and a message naming the key or file.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import sys
@@ -23,7 +22,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from trlm.recipe import DEFAULT_RECIPE, STAGES, RecipeError, check_stage, load_recipe
+from trlm.process_setup import quiet_environment, route_tracebacks
+from trlm.recipe import DEFAULT_RECIPE, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False)
 
@@ -32,53 +32,15 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a r
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: SQLite in the work dir)")]
 
 
-def _quiet_environment(recipe) -> None:
-    """Offline-friendly defaults; a recipe with hub sources keeps the network usable."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uses_hub = recipe is not None and _uses_hub(recipe)
-    offline = not uses_hub
-    if uses_hub and "HF_HUB_OFFLINE" not in os.environ and not _hub_reachable():
-        # Without this, every hub lookup retries for about 50 s before it falls back to the cache.
-        typer.echo("note: the Hugging Face Hub is unreachable; hub ids resolve from the local cache only (HF_HUB_OFFLINE=1)", err=True)
-        offline = True
-    if offline:
-        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            os.environ.setdefault(var, "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "alembic", "mlflow", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Can we open a TCP connection to the hub's host? Assumed yes behind a proxy (we cannot tell)."""
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
-def _uses_hub(recipe) -> bool:
-    from trlm.base_model import resolve_source
-    from trlm.data_spec import load_data_spec
-
-    if resolve_source(recipe.base_model)[0] == "hub":
-        return True
-    return any(src.hub is not None for s in ("sft-general", "sft-think", "dpo") for src in load_data_spec(recipe.stage_config(s).data.spec).sources)
-
-
 def _load(recipe: str | None, overrides: list[str] | None, tracking_uri: str | None = None):
     overrides = list(overrides or [])
     if tracking_uri:
-        overrides.append(f"tracking_uri={tracking_uri}")
+        # Through the environment, never as an override: overrides become Prefect flow parameters,
+        # deployment parameters and launcher arguments, and a URI may carry credentials.
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        overrides.append("tracking_uri=null")
+    from trlm.stages.registry import load_recipe  # imports every stage module (torch): not for --help
+
     try:
         return load_recipe(recipe, overrides), overrides
     except RecipeError as exc:
@@ -94,7 +56,7 @@ def _fail(message: str) -> None:
 def _print_plan(plans, title: str, done_as: str = "done") -> None:
     """One line per stage; `done_as="cached"` when a run found the stage's artifact and skips it."""
     typer.echo(title)
-    typer.echo(f"  {'stage':<12} {'state':<8} {'key':<14} artifact")
+    typer.echo(f"  {'stage':<12} {'state':<8} {'key':<14} artifact, or why it will run")
     for p in plans:
         state = done_as if p.state == "done" else p.state
         typer.echo(f"  {p.stage:<12} {state:<8} {(p.key or '-')[:12]:<14} {p.artifact_path or p.note or '-'}")
@@ -114,28 +76,33 @@ def run(
     force: Annotated[Optional[list[str]], typer.Option("--force", help="rerun this stage even if done (repeatable)")] = None,
     set_: SetOpt = None,
     tracking_uri: TrackingOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks on the console (they always go to the run's log file)")] = False,
 ) -> None:
     """Run the pipeline (as a Prefect flow); stages whose key is already done are skipped ("cached")."""
     t0 = time.time()
     r, overrides = _load(recipe, set_, tracking_uri)
-    _quiet_environment(r)
+    quiet_environment(r)
+    from trlm.stages.registry import PIPELINE, get_stage, stage_names
+
     try:
         for s in [only, from_stage, *(force or [])]:
             if s:
-                check_stage(s)
+                get_stage(s)
         if only and from_stage:
             raise RecipeError("give --only or --from, not both")
     except RecipeError as exc:
         _fail(str(exc))
     from trlm.flows.pipeline import selected_stages
-    from trlm.lineage import plan, setup_tracking
+    from trlm.lineage import plan
+    from trlm.tracking import setup_tracking
 
     tracker = setup_tracking(r)
-    plans = plan(r, tracker)
-    wanted = selected_stages(only, from_stage)
+    plans = plan(r, tracker, PIPELINE)
+    names = stage_names()
+    wanted = selected_stages(names, only, from_stage)
     by_stage = {p.stage: p for p in plans}
-    first = STAGES.index(wanted[0])
-    for upstream in STAGES[:first]:
+    first = names.index(wanted[0])
+    for upstream in names[:first]:
         if by_stage[upstream].state != "done":
             _fail(f"cannot run {wanted[0]}: upstream stage {upstream} is {by_stage[upstream].state} for recipe {r.name} "
                   f"(no finished artifact for the current config and inputs). Run `trlm run --from {upstream}` first.")
@@ -147,15 +114,17 @@ def run(
         return
     if "PREFECT_API_URL" not in os.environ and _prefect_server_up():
         os.environ["PREFECT_API_URL"] = "http://127.0.0.1:4200/api"
+    from trlm.artifacts import mask_secrets
     from trlm.flows.pipeline import pipeline
 
+    log_file = route_tracebacks(r.work_path, verbose)
     recipe_ref = recipe or DEFAULT_RECIPE
     try:
         outcomes = pipeline(recipe=recipe_ref, overrides=overrides, only=only, from_stage=from_stage, force=list(force or []))
     except Exception as exc:  # the flow already marked the MLflow runs FAILED
-        typer.echo(f"error: pipeline failed: {exc}", err=True)
+        typer.echo(f"error: pipeline failed: {mask_secrets(str(exc))}\n(full log with the traceback: {log_file})", err=True)
         raise typer.Exit(1) from None
-    _print_plan(plan(r, tracker), f"recipe {r.name}: finished in {time.time() - t0:.0f}s")
+    _print_plan(plan(r, tracker, PIPELINE), f"recipe {r.name}: finished in {time.time() - t0:.0f}s")
     for stage, outcome in outcomes.items():
         if outcome.get("reproduced") is not None:  # forced reruns of a finished stage
             verdict = "reproduces the previous run: same output fingerprints" if outcome["reproduced"] else "does NOT reproduce the previous run: output fingerprints differ"
@@ -165,17 +134,21 @@ def run(
 
 
 def _print_report(r, tracker) -> None:
+    """Print the report of every finished stage that wrote one (the eval stage's reproduction report)."""
     from trlm.lineage import plan
+    from trlm.stages.registry import PIPELINE
 
-    ev = {p.stage: p for p in plan(r, tracker)}["eval"]
-    if ev.state == "done" and ev.artifact_path and (Path(ev.artifact_path) / "report.md").is_file():
-        typer.echo("")
-        typer.echo((Path(ev.artifact_path) / "report.md").read_text())
+    for p in plan(r, tracker, PIPELINE):
+        if p.state == "done" and p.artifact_path and (Path(p.artifact_path) / "report.md").is_file():
+            typer.echo("")
+            typer.echo((Path(p.artifact_path) / "report.md").read_text())
 
 
 def _where_to_look(r) -> None:
+    from trlm.artifacts import mask_uri
+
     typer.echo("\nWhere to look:")
-    typer.echo(f"  MLflow UI:  mlflow ui --backend-store-uri {r.resolved_tracking_uri} --host 127.0.0.1 --port 5000   (or: trlm up)")
+    typer.echo(f"  MLflow UI:  mlflow ui --backend-store-uri {mask_uri(r.resolved_tracking_uri)} --host 127.0.0.1 --port 5000   (or: trlm up)")
     typer.echo("  Prefect UI: prefect server start --host 127.0.0.1   (or: trlm up), then http://127.0.0.1:4200")
     typer.echo(f"  Status:     trlm status --recipe {r.name}")
 
@@ -185,21 +158,27 @@ def status(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """Each stage's key, state (done / stale / missing) and artifact path."""
     r, _ = _load(recipe, set_, tracking_uri)
-    _quiet_environment(r)
-    from trlm.lineage import plan, setup_tracking
+    quiet_environment(r)
+    from trlm.artifacts import mask_uri
+    from trlm.lineage import plan
+    from trlm.tracking import setup_tracking
+    from trlm.stages.registry import PIPELINE
 
-    plans = plan(r, setup_tracking(r))
+    plans = plan(r, setup_tracking(r), PIPELINE)
+    data = {"path": str(r.data_path), "origin": r.data_root_origin}
     if as_json:
-        typer.echo(json.dumps({"recipe": r.name, "stages": [p.as_dict() for p in plans]}, indent=2))
+        typer.echo(json.dumps({"recipe": r.name, "data_root": data, "stages": [p.as_dict() for p in plans]}, indent=2))
     else:
-        _print_plan(plans, f"recipe {r.name} (work dir {r.work_path}, tracking {r.resolved_tracking_uri})")
+        _print_plan(plans, f"recipe {r.name} (work dir {r.work_path}, tracking {mask_uri(r.resolved_tracking_uri)})\n"
+                           f"  data root: {data['path']} (from {data['origin']})")
 
 
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Option("--model", help="local checkpoint directory or hub id")],
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval tasks [default: the recipe's]")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="items per task (seeded subset); default: every item")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="the first N items of each task, as lm-eval's --limit; default: every item")] = None,
+    sample: Annotated[Optional[int], typer.Option("--sample", help="a seeded random subset of N items of each task (seed: the recipe's eval.seed)")] = None,
     profile: Annotated[str, typer.Option("--profile", help="full (every item) or smoke")] = "full",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     max_gen_toks: Annotated[Optional[int], typer.Option("--max-gen-toks")] = None,
@@ -208,11 +187,17 @@ def eval_command(
 ) -> None:
     """Evaluate any checkpoint with the same code and settings as the pipeline's eval stage."""
     r, _ = _load(recipe, None)
-    _quiet_environment(r)
-    updates = {"profile": profile}
+    quiet_environment(r)
+    if limit is not None and sample is not None:
+        _fail("give --limit N (the first N items, as lm-eval) or --sample N (a seeded subset), not both")
+    updates: dict = {"profile": profile}
+    if limit is not None or sample is not None:  # replaces the recipe's choice: --limit clears its `sample`, and vice versa
+        updates["limit"] = limit
+        if sample is not None or "sample" in type(r.eval).model_fields:
+            updates["sample"] = sample
     if tasks:
         updates["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
-    for name, value in (("limit", limit), ("batch_size", batch_size), ("max_gen_toks", max_gen_toks)):
+    for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks)):
         if value is not None:
             updates[name] = value
     try:
@@ -236,42 +221,63 @@ def report(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
            out: Annotated[Optional[Path], typer.Option("--out", help="directory for report.md and report.png")] = None) -> None:
     """Write the reproduction report from the evaluations recorded in MLflow (missing stages show as –)."""
     r, _ = _load(recipe, set_, tracking_uri)
-    _quiet_environment(r)
-    from trlm.eval.report import write_report
-    from trlm.lineage import TAG_RECIPE, TAG_STAGE, setup_tracking
+    quiet_environment(r)
+    from trlm.tracking import setup_tracking
+    from trlm.stages.registry import PIPELINE
 
     tracker = setup_tracking(r)
-    columns: dict[str, dict | None] = {}
-    for model in ("base", "sft-general", "sft-think", "dpo"):
-        runs = tracker._search(f"tags.`{TAG_STAGE}` = 'eval:{model}' and tags.`{TAG_RECIPE}` = '{r.name}' and attributes.status = 'FINISHED'", 1)
-        columns[model] = json.loads((tracker.resolve(f"runs:/{runs[0].info.run_id}/output") / "results.json").read_text()) if runs else None
     out = out or (r.work_path / "reports" / r.name)
-    md, png = write_report(columns, out)
-    typer.echo(md.read_text())
-    typer.echo(f"\nreport: {md}\nchart:  {png}")
+    for stage in PIPELINE:
+        if stage.report is None:
+            continue
+
+        def lookup(sub: str, stage=stage) -> Path | None:
+            run = tracker.latest_done(f"{stage.name}:{sub}", r.name)
+            return tracker.resolve(tracker.artifact_uri(run)) if run is not None else None
+
+        md, png = stage.report(r, lookup, out)
+        typer.echo(md.read_text())
+        typer.echo(f"\nreport: {md}\nchart:  {png}")
 
 
 @app.command()
 def up(recipe: RecipeOpt = None,
        prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
        mlflow_port: Annotated[int, typer.Option(help="MLflow server port")] = 5000) -> None:
-    """Start a local Prefect server and a local MLflow server (both on 127.0.0.1) in the background."""
+    """Start a local Prefect server and a local MLflow server (both on 127.0.0.1) in the background.
+
+    Neither server has authentication: they are bound to 127.0.0.1 for that reason.
+    """
     import subprocess
+
+    from trlm.artifacts import mask_uri
+    from trlm.servers import record_server, recorded_process
 
     r, _ = _load(recipe, None)
     logs = r.work_path / "servers"
     logs.mkdir(parents=True, exist_ok=True)
+    ports = {"prefect": prefect_port, "mlflow": mlflow_port}
+    for name in ports:  # never overwrite the pid file of a server that is still running
+        proc, _why = recorded_process(logs / f"{name}.pid")
+        if proc is not None:
+            _fail(f"the {name} server started by an earlier `trlm up` is still running (pid {proc.pid}; see {logs / f'{name}.pid'}); "
+                  "stop it with `trlm down` first")
+    busy = [f"{name} port {port}" for name, port in ports.items() if _prefect_server_up(port=port)]
+    if busy:
+        _fail(f"already in use on 127.0.0.1: {', '.join(busy)} (another server?); choose other ports with --prefect-port/--mlflow-port")
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # The store URI goes through the environment, not the command line (visible to every user in ps).
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_BACKEND_STORE_URI": r.resolved_tracking_uri}
     procs = {
         "prefect": [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        "mlflow": [str(bin_dir / "mlflow"), "server", "--backend-store-uri", r.resolved_tracking_uri,
+        "mlflow": [str(bin_dir / "mlflow"), "server",
                    "--default-artifact-root", (r.work_path / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(mlflow_port)],
     }
     for name, cmd in procs.items():
         log_file = open(logs / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        (logs / f"{name}.pid").write_text(str(proc.pid))
+        record_server(logs / f"{name}.pid", proc.pid, cmd, port=ports[name])
     deadline = time.time() + 90
     pending = {"prefect": prefect_port, "mlflow": mlflow_port}
     while pending and time.time() < deadline:
@@ -282,7 +288,7 @@ def up(recipe: RecipeOpt = None,
     if pending:
         _fail(f"server(s) did not start within 90 s: {', '.join(pending)}; see logs in {logs}")
     typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   (API http://127.0.0.1:{prefect_port}/api)")
-    typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {r.resolved_tracking_uri})")
+    typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {mask_uri(r.resolved_tracking_uri)})")
     # MLflow 3's UI opens an experiment on its GenAI (traces) view: link the training-runs list directly.
     from mlflow import MlflowClient
 
@@ -295,17 +301,16 @@ def up(recipe: RecipeOpt = None,
 
 @app.command()
 def down(recipe: RecipeOpt = None) -> None:
-    """Stop the servers started by `trlm up`."""
-    import signal
+    """Stop the servers started by `trlm up` (only processes that are still those servers)."""
+    from trlm.servers import stop_server
 
     r, _ = _load(recipe, None)
-    for pid_file in (r.work_path / "servers").glob("*.pid"):
-        try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-            typer.echo(f"stopped {pid_file.stem}")
-        except (ProcessLookupError, ValueError):
-            pass
-        pid_file.unlink()
+    for pid_file in sorted((r.work_path / "servers").glob("*.pid")):
+        stopped, detail = stop_server(pid_file)  # checks pid, start time and command line before killing
+        if stopped:
+            typer.echo(f"stopped {pid_file.stem} ({detail})")
+        else:
+            typer.echo(f"{pid_file.stem}: nothing stopped: {detail}; removed {pid_file}")
 
 
 @app.command()
@@ -314,7 +319,7 @@ def serve(recipe: RecipeOpt = None,
           set_: SetOpt = None) -> None:
     """Register the pipeline deployments (nightly cron + manual, per-stage parameters) and serve them."""
     r, overrides = _load(recipe, set_)
-    _quiet_environment(r)
+    quiet_environment(r)
     if "PREFECT_API_URL" not in os.environ:
         if not _prefect_server_up():
             _fail("no Prefect server: start one with `trlm up` (schedules need a persistent API)")
@@ -333,9 +338,13 @@ def serve(recipe: RecipeOpt = None,
 
 @app.command()
 def stages() -> None:
-    """List the stage names in pipeline order."""
-    for s in STAGES:
-        typer.echo(s)
+    """List the pipeline's stages in order, with what each consumes."""
+    from trlm.stages.registry import PIPELINE, load_recipe
+
+    recipe = load_recipe(check_files=False)
+    for s in PIPELINE:
+        inputs = ", ".join(f"{k}<-{v}" for k, v in s.inputs(recipe).items()) or "-"
+        typer.echo(f"{s.name:<12} {s.description}  [inputs: {inputs}]")
 
 
 if __name__ == "__main__":

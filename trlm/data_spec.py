@@ -8,6 +8,10 @@ shapes and may apply one named transform:
 - `sft`:        {"messages": [{"role", "content"}, ...]}
 - `preference`: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
 
+A local file must stay inside the data root (no `../` out of it, no absolute path, no symlink out
+of it) unless the recipe sets `allow_outside_data_root`. A source that holds fewer rows than its
+`rows` is an error unless it sets `allow_fewer_rows`; an empty one always is (naming the file).
+
 The blend is concatenated and shuffled with the spec's seed. Every row keeps its origin (`_source`,
 `_row`: file and 1-based line number) so that validation errors can name file, row and field.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import logging
 import random
 import re
 from importlib import resources
@@ -27,7 +32,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trlm.artifacts import hash_file, hash_json
-from trlm.recipe import Int, RecipeError, load_yaml
+from trlm.recipe import Bool, Int, RecipeError, load_yaml
+
+log = logging.getLogger(__name__)
 
 
 class HubSource(BaseModel):
@@ -47,6 +54,7 @@ class SourceSpec(BaseModel):
     sample: Literal["first", "seeded"] = "first"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
     transform: Literal["gsm8k_think", "hh_rlhf_pairs", "conversation_pairs"] | None = None
+    allow_fewer_rows: Bool = Field(False, description="accept a source holding fewer rows than `rows` (reported either way)")
 
     @model_validator(mode="after")
     def _one_location(self) -> "SourceSpec":
@@ -63,20 +71,37 @@ class DataSpec(BaseModel):
     shuffle_seed: Int = 42
     sources: list[SourceSpec] = Field(min_length=1)
 
-    def check_sources(self, data_root: Path) -> None:
+    def check_sources(self, data_root: Path, allow_outside_data_root: bool = False) -> None:
         for src in self.sources:
-            if src.path is not None and not (data_root / src.path).is_file():
+            if src.path is not None and not source_path(self.name, src, data_root, allow_outside_data_root).is_file():
                 raise RecipeError(f"data spec {self.name!r}, source {src.name!r}: file not found: {data_root / src.path}")
 
-    def source_fingerprints(self, data_root: Path) -> dict[str, str]:
+    def source_fingerprints(self, data_root: Path, allow_outside_data_root: bool = False) -> dict[str, str]:
         """Bytes of local files; id/config/split/revision of hub sources (their rows are hashed after download)."""
         out = {}
         for src in self.sources:
             if src.path is not None:
-                out[src.name] = hash_file(data_root / src.path)
+                out[src.name] = hash_file(source_path(self.name, src, data_root, allow_outside_data_root))
             else:
                 out[src.name] = hash_json(src.hub.model_dump())
         return out
+
+
+def source_path(spec_name: str, src: SourceSpec, data_root: Path, allow_outside_data_root: bool = False) -> Path:
+    """The file of a local source, which must lie inside the data root after resolving `..` and
+    symlinks: otherwise a spec could read (and fingerprint) any file on the machine, and the outputs
+    would depend on data the data root does not hold. Absolute paths count as outside."""
+    path = data_root / src.path
+    if allow_outside_data_root:
+        return path
+    root, resolved = data_root.resolve(), path.resolve()
+    if Path(src.path).is_absolute() or not resolved.is_relative_to(root):
+        what = "is an absolute path" if Path(src.path).is_absolute() else "leaves the data root"
+        raise RecipeError(
+            f"data spec {spec_name!r}, source {src.name!r}: path {src.path!r} {what} (resolves to {resolved}, data root {root}); "
+            "set allow_outside_data_root: true in the recipe to allow it"
+        )
+    return path
 
 
 def load_data_spec(name_or_path: str) -> DataSpec:
@@ -157,11 +182,11 @@ def _iter_hub(src: HubSource) -> Iterator[tuple[int, dict]]:
         yield i, rec
 
 
-def read_source(src: SourceSpec, data_root: Path, seed: int) -> tuple[str, list[tuple[int, dict | RowError]]]:
+def read_source(src: SourceSpec, data_root: Path, seed: int, *, spec_name: str = "?", allow_outside_data_root: bool = False) -> tuple[str, list[tuple[int, dict | RowError]]]:
     """The selected raw rows of one source: first N, or a seeded sample of N (in file order)."""
     if src.path is not None:
         label = src.path
-        rows = _iter_local(data_root / src.path, label)
+        rows = _iter_local(source_path(spec_name, src, data_root, allow_outside_data_root), label)
     else:
         label = f"hub:{src.hub.id}/{src.hub.config or ''}/{src.hub.split}"
         rows = _iter_hub(src.hub)
@@ -253,14 +278,31 @@ def canonical_row(spec: DataSpec, src: SourceSpec, label: str, row: int, rec: di
     return out
 
 
-def resolve_rows(spec: DataSpec, data_root: Path) -> Iterator[dict | RowError]:
+def _check_row_count(spec: DataSpec, src: SourceSpec, label: str, read: int) -> None:
+    """A source with no rows is always an error; fewer rows than `rows` is one unless the source allows it."""
+    where = f"data spec {spec.name!r}, source {src.name!r}: {label}"
+    if read == 0:
+        raise RecipeError(f"{where} has no rows (the file is empty or holds only blank lines)")
+    if src.rows is not None and read < src.rows:
+        if not src.allow_fewer_rows:
+            raise RecipeError(f"{where} has {read} rows, the spec asks for {src.rows} (set allow_fewer_rows: true on the source to accept fewer)")
+        log.warning("%s has %d rows, the spec asks for %d; all of them are used (allow_fewer_rows)", where, read, src.rows)
+    else:
+        log.info("%s: %d rows read", where, read)
+
+
+def resolve_rows(spec: DataSpec, data_root: Path, *, allow_outside_data_root: bool = False, report: dict | None = None) -> Iterator[dict | RowError]:
     """Every selected row of every source in canonical shape, shuffled with the spec's seed.
 
-    Bad rows come back as RowError objects (not raised) so the caller's policy decides.
+    Bad rows come back as RowError objects (not raised) so the caller's policy decides. `report`, if
+    given, receives {source name: {file, requested, read}} (rows read count bad lines, not blank ones).
     """
     rows: list[dict | RowError] = []
     for src in spec.sources:
-        label, raw = read_source(src, data_root, spec.shuffle_seed)
+        label, raw = read_source(src, data_root, spec.shuffle_seed, spec_name=spec.name, allow_outside_data_root=allow_outside_data_root)
+        _check_row_count(spec, src, label, len(raw))
+        if report is not None:
+            report[src.name] = {"file": label, "requested": src.rows, "read": len(raw)}
         for row, rec in raw:
             if isinstance(rec, RowError):
                 rows.append(rec)

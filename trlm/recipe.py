@@ -13,16 +13,19 @@ Every problem (unknown key, wrong type, out-of-range value, unknown stage, missi
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, create_model, model_validator
 
-STAGES: tuple[str, ...] = ("data-prep", "sft-general", "sft-think", "dpo", "eval")
-TRAINING_STAGES: tuple[str, ...] = ("sft-general", "sft-think", "dpo")
 DEFAULT_RECIPE = "offline-smoke"
+# One source for the loss families (stages/losses.py implements them; the schema accepts them).
+SFT_LOSS_TYPES: tuple[str, ...] = ("nll", "dft")
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "apo_zero", "ipo", "hinge", "robust")
+LABEL_SMOOTHING_LOSSES: tuple[str, ...] = ("sigmoid", "robust")  # the DPO losses that use label_smoothing
 
 
 class RecipeError(ValueError):
@@ -30,8 +33,9 @@ class RecipeError(ValueError):
 
 
 class Strict(BaseModel):
-    # extra="forbid" turns a typo in a key into an error instead of a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="forbid" turns a typo in a key into an error instead of a silently ignored setting;
+    # allow_inf_nan=False: `.inf` or `.nan` in any float (a learning rate, beta, epochs) cannot train.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _not_bool(value: Any) -> Any:
@@ -131,14 +135,14 @@ def output_config(cfg: BaseModel) -> dict[str, Any]:
 class SFTStageConfig(Strict):
     data: MixtureConfig
     train: TrainConfig
-    loss_type: Literal["nll", "dft"] = "nll"
+    loss_type: Literal[SFT_LOSS_TYPES] = "nll"
     neftune_alpha: NonNegativeFloat | None = None
 
 
 class DPOStageConfig(Strict):
     data: MixtureConfig
     train: TrainConfig
-    loss_type: Literal["sigmoid", "apo_zero", "ipo", "hinge", "robust"] = "sigmoid"
+    loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"
     beta: PositiveFloat = 0.1
     label_smoothing: Annotated[float, NoBool, Field(ge=0, lt=0.5)] = 0.0
     precompute_ref_logps: Bool = Field(True, description="compute reference log-probs once before training")
@@ -153,6 +157,8 @@ class DPOStageConfig(Strict):
         mpl = self.data.max_prompt_length
         if mpl is not None and mpl >= self.data.max_length:
             raise ValueError(f"data.max_prompt_length ({mpl}) must be smaller than data.max_length ({self.data.max_length})")
+        if self.label_smoothing and self.loss_type not in LABEL_SMOOTHING_LOSSES:
+            raise ValueError(f"label_smoothing is only used by loss_type {' or '.join(LABEL_SMOOTHING_LOSSES)}, not {self.loss_type!r}")
         return self
 
 
@@ -168,35 +174,47 @@ class EvalConfig(Strict):
     tasks: list[str] = Field(
         default_factory=lambda: ["arc_challenge", "arc_easy", "boolq", "piqa", "mmlu", "gsm8k", "bbh", "ifeval"]
     )
-    limit: PositiveInt | None = Field(None, description="smoke profile: items per task (seeded subset)")
+    limit: PositiveInt | None = Field(None, description="the first N items of each task (lm-eval's --limit)")
+    sample: PositiveInt | None = Field(None, description="a seeded random subset of N items per task (the smoke profile's default)")
     max_gen_toks: PositiveInt | None = Field(None, description="cap on generated tokens; None keeps each task's default")
     batch_size: PositiveInt = 8
     seed: Int = 1234
     apply_chat_template: Bool = True
     fewshot_as_multiturn: Bool = True
-    models: list[Literal["base", "sft-general", "sft-think", "dpo"]] = Field(
-        default_factory=lambda: ["base", "sft-general", "sft-think", "dpo"]
-    )
     num_threads: PositiveInt | None = Field(
         None,
         description="torch intra-op threads during evaluation (restored afterwards); None keeps the process setting. "
         "On a CPU shared with other busy processes, 1 thread decodes far faster than 2 (measured 12 vs 0.6 steps/s)",
     )
 
+    @model_validator(mode="after")
+    def _one_way_to_subset(self) -> "EvalConfig":
+        if self.limit is not None and self.sample is not None:
+            raise ValueError("give limit (the first N items) or sample (a seeded subset of N), not both")
+        return self
+
 
 class Recipe(Strict):
+    """The settings every pipeline shares. The stage sections (`sft_general:`, `dpo:`, ...) are
+    added per pipeline from the stages' declarations (`recipe_model`): a recipe is validated
+    against exactly the stages that will run it."""
+
     name: str
     description: str = ""
     base_model: BaseModelConfig
-    data_root: str = Field("../shared/data", description="root for local data-spec sources; env TRLM_DATA_ROOT overrides")
+    data_root: str = Field(
+        "../shared/data",
+        description="root for local data-spec sources. Precedence: --set data_root=..., then env TRLM_DATA_ROOT, then "
+        "the recipe. A relative path resolves against the recipe file's folder (built-in recipes: the project "
+        "folder holding trlm/); from --set or the environment, against the current directory",
+    )
+    allow_outside_data_root: Bool = Field(False, description="allow data-spec sources outside data_root (../, absolute paths, symlinks out of it)")
     work_dir: str | None = Field(None, description="default: $TRLM_HOME, else ~/.trlm")
     tracking_uri: str | None = Field(None, description="default: sqlite:///<work_dir>/mlflow.db")
     experiment: str = "trlm"
-    data_prep: DataPrepConfig = DataPrepConfig()
-    sft_general: SFTStageConfig
-    sft_think: SFTStageConfig
-    dpo: DPOStageConfig
-    eval: EvalConfig = EvalConfig()
+    # Where data_root came from ("--set", "TRLM_DATA_ROOT" or "recipe") and the resolved path, set by load_recipe.
+    _data_root_origin: str = PrivateAttr("recipe")
+    _data_path: Path | None = PrivateAttr(None)
 
     # -- resolved locations -------------------------------------------------------------------
     @property
@@ -206,21 +224,44 @@ class Recipe(Strict):
 
     @property
     def data_path(self) -> Path:
-        return Path(os.environ.get("TRLM_DATA_ROOT") or self.data_root).expanduser().resolve()
+        return self._data_path or Path(self.data_root).expanduser().resolve()
+
+    @property
+    def data_root_origin(self) -> str:
+        return self._data_root_origin
 
     @property
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.work_path / 'mlflow.db'}"
 
-    def stage_config(self, stage: str) -> BaseModel:
-        check_stage(stage)
-        return getattr(self, stage.replace("-", "_"))
+
+def recipe_model(sections: tuple[tuple[str, type[BaseModel]], ...]) -> type[Recipe]:
+    """The full recipe schema for a pipeline: the shared settings plus one section per stage.
+
+    A section whose schema has defaults for everything may be left out of the recipe file."""
+    return _recipe_model(tuple(sections))
 
 
-def check_stage(stage: str) -> str:
-    if stage not in STAGES:
-        raise RecipeError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
-    return stage
+@lru_cache(maxsize=None)
+def _recipe_model(sections: tuple[tuple[str, type[BaseModel]], ...]) -> type[Recipe]:
+    fields: dict[str, Any] = {}
+    for name, schema in sections:
+        try:
+            default: Any = schema()
+        except ValidationError:
+            default = ...  # required: the section has required keys
+        fields[name] = (schema, default)
+    return create_model("Recipe", __base__=Recipe, **fields)
+
+
+def mixtures(recipe: Recipe) -> dict[str, "MixtureConfig"]:
+    """Every section's data mixture, by stage name (section `sft_general` -> `sft-general`)."""
+    found = {}
+    for name in type(recipe).model_fields:
+        data = getattr(getattr(recipe, name), "data", None)
+        if isinstance(data, MixtureConfig):
+            found[name.replace("_", "-")] = data
+    return found
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -302,10 +343,9 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
-    """Load, override and validate a recipe; with check_files also every file it names."""
-    source = name_or_path or DEFAULT_RECIPE
-    path = _recipe_file(source)
+def _read_recipe(name_or_path: str | None, overrides: list[str] | None) -> tuple[Path, dict, bool]:
+    """The recipe file, its data with the overrides applied, and whether it is a built-in one."""
+    path = _recipe_file(name_or_path or DEFAULT_RECIPE)
     try:
         data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -314,28 +354,54 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
         raise RecipeError(f"recipe {path} must be a mapping at the top level")
     for assignment in overrides or []:
         _apply_override(data, assignment)
+    builtin = path.resolve().parent == Path(str(resources.files("trlm.recipes"))).resolve()
+    return path, data, builtin
+
+
+def _resolve_data_root(path: Path, data: dict, overrides: list[str], builtin: bool) -> tuple[Path | None, str]:
+    """data_root by precedence: --set, then TRLM_DATA_ROOT, then the recipe (relative to its folder)."""
+    if any(o.split("=", 1)[0].strip().replace("-", "_") == "data_root" for o in overrides):
+        raw, origin, anchor = data.get("data_root"), "--set", Path.cwd()
+    elif os.environ.get("TRLM_DATA_ROOT"):
+        raw, origin, anchor = os.environ["TRLM_DATA_ROOT"], "TRLM_DATA_ROOT", Path.cwd()
+    else:
+        raw, origin = data.get("data_root", Recipe.model_fields["data_root"].default), "recipe"
+        # A built-in recipe lives in trlm/recipes/: its relative paths mean the project folder.
+        anchor = path.resolve().parents[2] if builtin else path.resolve().parent
+    if not isinstance(raw, str):
+        return None, origin  # validation reports the type
+    return (anchor / Path(raw).expanduser()).resolve(), origin
+
+
+def load_recipe(
+    name_or_path: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    sections: tuple[tuple[str, type[BaseModel]], ...],
+) -> Recipe:
+    """Load a recipe, apply `--set` overrides, validate it against the pipeline's sections.
+
+    Callers above the stages use `trlm.stages.registry.load_recipe`, which supplies the sections
+    and also checks every file the recipe names."""
+    overrides = list(overrides or [])
+    path, data, builtin = _read_recipe(name_or_path, overrides)
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = recipe_model(sections).model_validate(data)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(str(path), exc)) from None
-    if check_files:
-        check_recipe_files(recipe)
+    recipe._data_path, recipe._data_root_origin = _resolve_data_root(path, data, overrides, builtin)
     return recipe
 
 
-def check_recipe_files(recipe: Recipe) -> None:
-    """Every file the recipe names must exist and parse; runs before any compute."""
-    from trlm.base_model import resolve_source
-    from trlm.data_spec import load_data_spec
-
-    resolve_source(recipe.base_model)  # raises RecipeError naming the missing file
-    for stage in TRAINING_STAGES:
-        mixture: MixtureConfig = recipe.stage_config(stage).data
-        spec = load_data_spec(mixture.spec)
-        expected = "preference" if stage == "dpo" else "sft"
-        if spec.kind != expected:
-            raise RecipeError(f"{stage.replace('-', '_')}.data.spec: {mixture.spec} is a {spec.kind!r} spec, stage {stage} needs {expected!r}")
-        spec.check_sources(recipe.data_path)
+def load_section(name_or_path: str | None, overrides: list[str] | None, section: str, schema: type[BaseModel]) -> BaseModel:
+    """One stage's section of a recipe (for a stage's own command line, which knows only itself)."""
+    path, data, _ = _read_recipe(name_or_path, overrides)
+    if section not in data:
+        raise RecipeError(f"recipe {path} has no section {section!r}")
+    try:
+        return schema.model_validate(data[section])
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(f"{path} ({section})", exc)) from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -1,0 +1,160 @@
+"""Checkpoints, resume, and the stage's final artifact.
+
+* `save_checkpoint` (atomic, every process saves its RNG state; the newest `keep` are kept),
+  `trainer_state` (step, data position, metrics history), `latest_checkpoint`, `load_checkpoint`
+  (refuses a checkpoint of a different stage config or data), `remove_incomplete` (what a kill
+  leaves behind).
+* `export_model` (`out_dir/model/`, a standard HF checkpoint), `finish_stage` (`metrics.json`, then
+  `fingerprint.json` last), `finished_summary` (a finished stage is never run again).
+
+Layout: `out_dir/checkpoints/step-<6 digits>/` holding accelerate's state, `trainer_state.json` and,
+written last, `COMPLETE`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from trlm.artifacts import atomic_directory, discard, hash_json, read_fingerprint, remove_stale_temporaries, write_fingerprint
+from trlm.recipe import output_config
+from trlm.stages.batching import StepPlan
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint, before the atomic rename
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A directory without the completion marker is not one."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def remove_incomplete(out_dir: Path) -> None:
+    """Remove what a killed process can leave behind: `.tmp-*`/`.old-*` (a half-written checkpoint,
+    model export or reference file) and step directories without their completion marker."""
+    root = Path(out_dir) / CHECKPOINTS
+    remove_stale_temporaries(out_dir)
+    remove_stale_temporaries(root)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and not (p / COMPLETE_MARKER).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = complete_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Atomically write `out_dir/checkpoints/step-<6-digit step>/` and keep only the newest `keep`.
+
+    Contents: accelerate's `save_state` (model.safetensors, optimizer.bin, scheduler.bin and the RNG
+    states of every process: python, numpy, torch, cuda) plus `trainer_state.json` (step, epoch,
+    micro-batch index, metrics history) and, last, the `COMPLETE` marker. Everything is written to a
+    `.tmp-*` sibling, fsynced and renamed (`trlm.artifacts.atomic_directory`), so a killed process
+    never leaves a directory that looks complete. All processes must call this (each saves its own
+    RNG state, FSDP its shards); the main process owns the temporary directory.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    final = Path(out_dir) / CHECKPOINTS / checkpoint_name(step)
+    with atomic_directory(final) if accelerator.is_main_process else nullcontext(None) as tmp:
+        tmp = Path(broadcast_object_list([str(tmp) if tmp else None])[0])
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for old in complete_checkpoints(out_dir)[:-keep]:
+            discard(old)  # renamed first: a kill never leaves a "complete" step with files missing
+    accelerator.wait_for_everyone()
+    return final
+
+
+def trainer_state(cfg, plan: StepPlan, step: int, *, data_fp: str, runtime_s: float, total_tokens: float, history: list) -> dict[str, Any]:
+    """What a checkpoint records besides accelerate's state: the data position and the history."""
+    epoch, index = plan.position(step, cfg.train.grad_accum_steps)
+    return {
+        "step": step,
+        "epoch": epoch,
+        "micro_batch_in_epoch": index,
+        "total_steps": plan.total_steps,
+        "config_hash": config_hash(cfg),
+        "data_fingerprint": data_fp,
+        "runtime_s": runtime_s,
+        "total_tokens": total_tokens,
+        "history": history,
+    }
+
+
+def load_checkpoint(accelerator, checkpoint: Path, cfg, *, data_fp: str) -> dict[str, Any]:
+    """Check that `checkpoint` belongs to this run (same stage config and data), restore model,
+    optimizer, scheduler and RNG states, and return its trainer state (step, data position, history)."""
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    if state.get("config_hash") != config_hash(cfg) or state.get("data_fingerprint") != data_fp:
+        raise ValueError(
+            f"{checkpoint} was written by a run with a different stage config or data; "
+            "resume needs the same settings (use a fresh out_dir, or delete its checkpoints/)"
+        )
+    accelerator.load_state(str(checkpoint))
+    return state
+
+
+def config_hash(cfg) -> str:
+    return hash_json(output_config(cfg))
+
+
+# --- final artifact ------------------------------------------------------------------------------
+
+
+def export_model(accelerator, model, tokenizer, out_dir: Path) -> Path:
+    """`out_dir/model/`: a standard HF checkpoint (safetensors, config, generation config with
+    eos = <|im_end|>) plus the training tokenizer (added special tokens, chat template). Atomic."""
+    final = Path(out_dir) / "model"
+    state_dict = accelerator.get_state_dict(model)  # full state dict (gathered under FSDP); all ranks
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.use_cache = True  # turned off for gradient checkpointing; generation wants it
+        with atomic_directory(final) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def finish_stage(out_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]], meta: dict[str, Any], *, keep_checkpoints: bool) -> None:
+    """Write `metrics.json` (summary + full history), then `fingerprint.json` LAST (main process).
+
+    Then, unless `keep_checkpoints`, delete `checkpoints/`: a finished stage never resumes, and its
+    optimizer state is about twice the model (GBs per stage even for the smoke run). The
+    fingerprint never covers checkpoints, so a kill during the deletion leaves a finished stage.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
+    write_fingerprint(out_dir, meta=meta)
+    if not keep_checkpoints:
+        discard(out_dir / CHECKPOINTS)  # renamed first: a kill never leaves a half-deleted checkpoints/
+
+
+def finished_summary(out_dir: Path) -> dict[str, Any] | None:
+    """The saved summary of a finished stage (fingerprint.json present), else None."""
+    if read_fingerprint(out_dir) is None:
+        return None
+    path = Path(out_dir) / "metrics.json"
+    return json.loads(path.read_text())["summary"] if path.is_file() else {}

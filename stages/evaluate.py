@@ -1,0 +1,108 @@
+"""Stage `eval`: every model of the pipeline on the benchmarks, and the reproduction report.
+
+What it does, top to bottom (`run`):
+
+1. For each model named in `eval.models` (`base` and the training stages by default), in that
+   order: evaluate it with lm-evaluation-harness (`trlm.eval.harness.evaluate_checkpoint`) as a
+   memoised sub-step with its own tracked run (`eval:<model>`). The sub-step's key is its own
+   code (the harness and what it imports: the task subsets, the offline mirror, punkt), the eval
+   settings without the model list, and the model's fingerprint: a changed DPO model re-evaluates
+   only itself, and a report change re-evaluates nothing.
+2. Write `report.md` + `report.png` (published figures, our columns, chance and majority-class
+   baselines) and `results.json` (every model's results document) into the stage's directory.
+
+`trlm report` rebuilds the report from the recorded sub-step results (`report` below), with a dash
+for every model that has none.
+
+Trade-offs: models are evaluated one after another in this process (lm-eval's HF backend, one
+device); the stage's own output is cheap to rebuild, so its key covers the report code too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from pydantic import Field
+
+from trlm.artifacts import write_fingerprint
+from trlm.eval.harness import evaluate_checkpoint
+from trlm.eval.report import headline_metrics, write_report
+from trlm.recipe import EvalConfig, output_config
+from trlm.stage import BASE, MODEL, Stage, StageContext
+
+RESULTS = "results.json"
+
+
+class EvalStageConfig(EvalConfig):
+    """The harness settings (EvalConfig) plus which of the pipeline's models to evaluate."""
+
+    models: list[str] = Field(default_factory=lambda: [BASE, "sft-general", "sft-think", "dpo"],
+                              description="base and/or training stages, in report column order")
+
+
+def _inputs(recipe) -> dict[str, str]:
+    return {model: f"{model}:{MODEL}" for model in recipe.eval.models}
+
+
+def _harness_settings(cfg: EvalStageConfig) -> dict:
+    """What one model's results depend on: the eval settings, not which other models are evaluated."""
+    settings = output_config(cfg)
+    settings.pop("models")
+    return settings
+
+
+def _evaluate_one(path: Path, recipe) -> Callable[[Path, Callable], None]:
+    def evaluate(out: Path, on_log) -> None:
+        doc = evaluate_checkpoint(str(path), recipe.eval, data_root=recipe.data_path, work_dir=recipe.work_path)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RESULTS).write_text(json.dumps(doc, indent=2, default=str))
+        on_log(headline_metrics(doc), 0)
+        write_fingerprint(out)
+
+    return evaluate
+
+
+def run(ctx: StageContext) -> dict:
+    recipe = ctx.recipe
+    columns = {}
+    for model in recipe.eval.models:
+        out = ctx.cached_step(model, {MODEL: ctx.fingerprints[model]}, _evaluate_one(ctx.inputs[model], recipe),
+                              config=_harness_settings(recipe.eval), code_module=evaluate_checkpoint.__module__)
+        columns[model] = json.loads((out / RESULTS).read_text())
+    md, _ = write_report(columns, ctx.out)
+    (ctx.out / RESULTS).write_text(json.dumps(columns, indent=2, default=str))
+    for model, doc in columns.items():
+        ctx.on_log({f"{model}/{k}": v for k, v in headline_metrics(doc).items()}, 0)
+    write_fingerprint(ctx.out)
+    return {"report": str(md)}
+
+
+def headline(out: Path) -> dict[str, float]:
+    results = out / RESULTS
+    columns = json.loads(results.read_text()) if results.is_file() else {}
+    return {f"{model}/{k}": v for model, doc in columns.items() for k, v in headline_metrics(doc).items() if not k.endswith("/stderr")}
+
+
+def report(recipe, lookup: Callable[[str], Path | None], out: Path) -> tuple[Path, Path]:
+    """The report from recorded results: `lookup(model)` is the output directory of that model's
+    latest finished sub-step (None when it was never evaluated: a dash column)."""
+    columns = {}
+    for model in recipe.eval.models:
+        found = lookup(model)
+        columns[model] = json.loads((found / RESULTS).read_text()) if found is not None else None
+    return write_report(columns, out)
+
+
+STAGE = Stage(
+    name="eval",
+    section="eval",
+    config=EvalStageConfig,
+    inputs=_inputs,
+    run=run,
+    headline=headline,
+    report=report,
+    libraries=("lm_eval", "transformers", "tokenizers", "torch", "datasets"),
+    description="every model on the benchmarks, and the reproduction report",
+)

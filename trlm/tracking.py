@@ -1,0 +1,236 @@
+"""The MLflow tracking store as the pipeline uses it: runs by tag, artifacts, owners, the registry.
+
+A stage is *done* when the experiment holds a FINISHED run tagged with its key: this holds across
+flow runs, processes and machines that share the tracking store. Each executed stage is one MLflow
+child run under the pipeline's parent run. Its output directory IS the run's artifact directory
+`output/`: with a local artifact store the stage writes straight into it (no copy); with a remote
+store it writes to a staging directory and uploads. Downstream stages get `runs:/<id>/output` and
+resolve it through MLflow (a local path for local stores, a download otherwise).
+
+Every run records its owner (`host pid start-time`), so a run left RUNNING by a process that died
+is found and marked KILLED by the next pipeline run on that machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from trlm.recipe import Recipe
+
+TAG_KEY = "trlm.stage_key"
+TAG_STAGE = "trlm.stage"
+TAG_RECIPE = "trlm.recipe"
+TAG_OUTPUT_FP = "trlm.output_fingerprint"
+TAG_KIND = "trlm.kind"
+TAG_CODE = "trlm.code"  # JSON: {module: source hash} of the stage's import closure
+TAG_LIBRARIES = "trlm.libraries"  # JSON: {distribution: version}
+TAG_RERUN_OF = "trlm.rerun_of"  # a forced rerun: the FINISHED run of the same key it reran
+TAG_REPRODUCED = "trlm.reproduced"  # "true" when its outputs' fingerprints equal that run's
+TAG_UNRESUMABLE = "trlm.unresumable"  # a failed run whose directory must not be resumed (damaged artifact)
+TAG_OWNER = "trlm.owner"  # "host pid start-time" of the process executing the run
+OUTPUT = "output"
+
+
+def setup_tracking(recipe: Recipe) -> "Tracker":
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return Tracker(recipe.resolved_tracking_uri, recipe.experiment, recipe.work_path)
+
+
+class Tracker:
+    """MlflowClient with the few queries the pipeline needs. Uses explicit run ids, never the
+    thread-local active run, because Prefect runs tasks in worker threads."""
+
+    def __init__(self, tracking_uri: str, experiment: str, work_dir: Path):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        from trlm.artifacts import work_dir_lock
+
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = tracking_uri
+        self.work_dir = work_dir
+        mlflow.set_tracking_uri(tracking_uri)
+        # Two runs starting at once on a fresh work dir would both create and migrate the SQLite
+        # store and both create the experiment: one process at a time, the others find them made.
+        with work_dir_lock(work_dir, "mlflow-setup"):
+            self.client = MlflowClient(tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)  # the first query creates the store
+            if exp is None:
+                # Artifacts next to the DB in the work dir, not in a CWD-relative ./mlruns.
+                location = (work_dir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite") else None
+                try:
+                    exp_id = self.client.create_experiment(experiment, artifact_location=location)
+                except MlflowException:  # created meanwhile by a process on another machine (same server)
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
+            else:
+                exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+
+    # queries
+    def _search(self, filter_string: str, max_results: int = 20):
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=max_results)
+
+    def find_done(self, stage: str, key: str):
+        runs = self._search(f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'", 1)
+        return runs[0] if runs else None
+
+    def find_resumable(self, stage: str, key: str):
+        """An unfinished run of the same key (killed or failed): rerunning continues in its artifact dir."""
+        for run in self._search(f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_STAGE}` = '{stage}'"):
+            if run.info.status in ("RUNNING", "FAILED", "KILLED") and self.local_artifact_dir(run) is not None \
+                    and run.data.tags.get(TAG_UNRESUMABLE) != "true":
+                return run
+        return None
+
+    def latest_done(self, stage: str, recipe_name: str):
+        runs = self._search(f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_RECIPE}` = '{recipe_name}' and attributes.status = 'FINISHED'", 1)
+        return runs[0] if runs else None
+
+    # artifacts
+    @staticmethod
+    def local_artifact_dir(run) -> Path | None:
+        uri = run.info.artifact_uri
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            return Path(unquote(parsed.path))
+        return None
+
+    def output_dir_for_writing(self, run) -> Path:
+        local = self.local_artifact_dir(run)
+        if local is not None:
+            return local / OUTPUT
+        return self.work_dir / "staging" / run.info.run_id / OUTPUT
+
+    def resolve(self, uri: str) -> Path:
+        """A `runs:/<id>/<path>` or `models:/…` URI -> local directory.
+
+        A run whose artifacts sit on a local file system is read in place (MLflow's own
+        `download_artifacts` would copy a `runs:/` URI into a temporary directory: hundreds of MB
+        per checkpoint). Remote artifact stores are downloaded once into the work dir's cache.
+        """
+        import mlflow
+
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri.removeprefix("runs:/").partition("/")
+            run = self.client.get_run(run_id)
+            local = self.local_artifact_dir(run)
+            if local is not None:
+                target = local / path
+                if not target.exists():
+                    raise RuntimeError(f"artifact {uri} does not exist at {target}")
+                return target
+            cache = self.work_dir / "downloads" / run_id / path
+            if not cache.exists():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(cache.parent), tracking_uri=self.tracking_uri)
+            return cache
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.tracking_uri))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the URI named
+            raise RuntimeError(f"cannot resolve artifact {uri}: {exc}") from exc
+
+    def artifact_uri(self, run) -> str:
+        return f"runs:/{run.info.run_id}/{OUTPUT}"
+
+
+def run_outputs(run) -> dict[str, str]:
+    return {k.removeprefix(TAG_OUTPUT_FP + "."): v for k, v in run.data.tags.items() if k.startswith(TAG_OUTPUT_FP + ".")}
+
+
+def flatten(prefix: str, obj: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(obj) if isinstance(obj, (list, tuple)) else str(obj)
+    return out
+
+
+class MetricLogger:
+    """The plain on_log(metrics, step) callback the stages take, forwarding to MLflow (batched).
+
+    A resumed run restarts from its last checkpoint, so it replays steps it logged before the
+    crash; those (step <= `logged_through`) are not logged again, or MLflow would chart each twice.
+    """
+
+    def __init__(self, client, run_id: str, logged_through: int | None = None):
+        self.client, self.run_id, self.logged_through = client, run_id, logged_through
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        if self.logged_through is not None and step <= self.logged_through:
+            return
+        ts = int(time.time() * 1000)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in clean.items()], synchronous=True)
+
+
+def last_logged_step(client, run) -> int | None:
+    """The highest step with a metric in `run` (None if it logged none)."""
+    steps = [m.step for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)]
+    return max(steps) if steps else None
+
+
+def owner_tag() -> str:
+    """`host pid start-time` of this process: enough to tell later whether it is still alive."""
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()} {os.getpid()} {psutil.Process().create_time():.0f}"
+
+
+def owner_alive(tag: str) -> bool | None:
+    """Is the process named by an owner tag alive? None when it ran on another machine (unknowable here)."""
+    import socket
+
+    import psutil
+
+    try:
+        host, pid, started = tag.split()
+        pid_, started_ = int(pid), float(started)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        return abs(psutil.Process(pid_).create_time() - started_) < 2  # a reused pid has another start time
+    except psutil.Error:
+        return False
+
+
+def close_abandoned_runs(tracker: Tracker) -> list[str]:
+    """Mark KILLED every RUNNING run whose process on this machine has died (a killed `trlm run`),
+    so no run stays RUNNING forever. A killed stage run stays resumable. Returns the run ids."""
+    closed = []
+    for run in tracker._search("attributes.status = 'RUNNING'", 200):
+        owner = run.data.tags.get(TAG_OWNER)
+        if owner and owner_alive(owner) is False:
+            tracker.client.set_tag(run.info.run_id, "trlm.error", f"abandoned: its process ({owner}) ended without finishing the run")
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def register_model(tracker: Tracker, name: str, run_id: str, alias: str = "candidate") -> int:
+    """Register `runs:/<id>/output/model` under `name` and point `alias` at the new version."""
+    client = tracker.client
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    source = f"runs:/{run_id}/{OUTPUT}/model"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
