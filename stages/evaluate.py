@@ -20,6 +20,7 @@ device); the stage's own output is cheap to rebuild, so its key covers the repor
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,8 @@ from pydantic import Field
 from trlm.artifacts import write_fingerprint
 from trlm.eval.harness import evaluate_checkpoint
 from trlm.eval.report import headline_metrics, write_report
-from trlm.recipe import EvalConfig, output_config
+from trlm.eval.tasks import known_task_names
+from trlm.recipe import EvalConfig, RecipeError, output_config
 from trlm.stage import BASE, MODEL, Stage, StageContext
 
 RESULTS = "results.json"
@@ -79,6 +81,16 @@ def run(ctx: StageContext) -> dict:
     return {"report": str(md)}
 
 
+def check(recipe) -> None:
+    """Before any compute: every task name is one lm-eval knows (not after all the training)."""
+    known = known_task_names()
+    for task in recipe.eval.tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=3)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise RecipeError(f"eval.tasks: {task!r} is not an lm-eval task, group or tag{hint}")
+
+
 def headline(out: Path) -> dict[str, float]:
     results = out / RESULTS
     columns = json.loads(results.read_text()) if results.is_file() else {}
@@ -101,6 +113,7 @@ STAGE = Stage(
     config=EvalStageConfig,
     inputs=_inputs,
     run=run,
+    check=check,
     headline=headline,
     report=report,
     libraries=("lm_eval", "transformers", "tokenizers", "torch", "datasets"),
