@@ -424,14 +424,17 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     cols = report["columns"]
     labels = [column_label(n, d) for n, d in cols.items()]
-    header = ["Benchmark", "Metric", "Chance", "Majority", *PUBLISHED_COLUMNS, *labels]
+    # Our columns lead (a UI that cuts the table on the right keeps them); baselines and the published
+    # figures follow for comparison.
+    header = ["Benchmark", "Metric", *labels, "Chance", "Majority", *PUBLISHED_COLUMNS]
     body = []
     for r in report["rows"]:
         row, cells, base = r["row"], r["cells"], r["baseline"] or {}
         body.append(
-            [row.benchmark, row.label, _pct(base.get("chance"), 1), _pct(base.get("majority"), 1)]
-            + [cells[p]["text"] for p in PUBLISHED_COLUMNS]
+            [row.benchmark, row.label]
             + [cells[n]["text"] for n in cols]
+            + [_pct(base.get("chance"), 1), _pct(base.get("majority"), 1)]
+            + [cells[p]["text"] for p in PUBLISHED_COLUMNS]
         )
     out = ["# TRLM-135M reproduction: evaluation report", ""]
     out.append(

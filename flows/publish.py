@@ -8,20 +8,35 @@ the last logged step of the `metrics.json` history that training stages write; a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from urllib.parse import quote
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from trlm.tracking import Tracker
 from trlm.stage_runs import StageOutcome
+from trlm.servers import mlflow_ui_base
 from trlm.stage import Stage
 
-MLFLOW_UI = os.environ.get("TRLM_MLFLOW_UI", "http://127.0.0.1:5000")
 
+class Links:
+    """Links into the MLflow UI that shows this store, built when the stage publishes (the tracking
+    server in use, or the one `trlm up` started), never a fixed port. None: no UI is known."""
 
-def run_link(tracker: Tracker, run_id: str) -> str:
-    return f"{MLFLOW_UI}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
+    def __init__(self, tracker: Tracker):
+        self.base = mlflow_ui_base(tracker.tracking_uri, tracker.work_dir)
+        self.experiment = tracker.experiment_id
+
+    def run(self, run_id: str) -> str | None:
+        return f"{self.base}/#/experiments/{self.experiment}/runs/{run_id}" if self.base else None
+
+    def runs(self) -> str | None:
+        # MLflow 3 opens an experiment on its GenAI (traces) view; this selects the training runs.
+        return f"{self.base}/#/experiments/{self.experiment}/runs?workflowType=machine_learning" if self.base else None
+
+    def file(self, run_id: str, path: str) -> str | None:
+        """A run's artifact file itself (an image shows inline in a markdown artifact)."""
+        return f"{self.base}/get-artifact?path={quote(path, safe='')}&run_uuid={run_id}" if self.base else None
 
 
 def history(out: Path) -> list[dict]:
@@ -73,19 +88,37 @@ def publish(tracker: Tracker, stage: Stage, outcome: StageOutcome, recipe_name: 
         if png is not None:
             tracker.client.log_artifact(outcome.run_id, str(png), "plots")
     key = stage.name.replace("_", "-")
-    link = run_link(tracker, outcome.run_id)
+    links = Links(tracker)
+    link = links.run(outcome.run_id)
     state = "cached" if outcome.cached else "ran"
     if outcome.reproduced is not None:  # a forced rerun
         state += ", forced: " + ("reproduces the previous run bit for bit" if outcome.reproduced else "output DIFFERS from the previous run")
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in numbers.items())
-    curves = f"\n\nLoss/reward curves: [{png.name}]({link}) (MLflow run artifacts, `plots/`)" if png else ""
+    run_ref = f"[{outcome.run_id}]({link}) ([all training runs]({links.runs()}))" if link else f"`{outcome.run_id}` (no MLflow UI known: `trlm up` starts one)"
+    curves = ""
+    if png is not None:
+        image = links.file(outcome.run_id, f"plots/{png.name}")
+        curves = f"\n\n![loss and reward curves]({image})" if image else f"\n\nCurves: `plots/{png.name}` in the MLflow run's artifacts"
     create_markdown_artifact(
         key=f"{key}-summary",
-        markdown=f"### {stage.name} ({state})\n\nMLflow run: [{outcome.run_id}]({link})  \nkey: `{outcome.key[:16]}`  \n"
+        markdown=f"### {stage.name} ({state})\n\nMLflow run: {run_ref}  \nkey: `{outcome.key[:16]}`  \n"
         f"artifact: `{outcome.artifact_uri}`\n\n| metric | value |\n|---|---|\n{rows}{curves}",
         description=f"{stage.name} summary",
     )
     create_table_artifact(key=f"{key}-metrics", table=[{"metric": k, "value": float(v)} for k, v in numbers.items()] or [{"metric": "-", "value": 0.0}])
-    create_link_artifact(key=f"{key}-mlflow", link=link, link_text=f"MLflow run of {stage.name}")
+    if link:
+        create_link_artifact(key=f"{key}-mlflow", link=link, link_text=f"MLflow run of {stage.name}")
     if out is not None and (out / "report.md").is_file():
-        create_markdown_artifact(key=f"{key}-report", markdown=(out / "report.md").read_text(), description=f"{stage.name} report")
+        create_markdown_artifact(key=f"{key}-report", markdown=embed_images(out / "report.md", links, outcome.run_id), description=f"{stage.name} report")
+
+
+def embed_images(report: Path, links: Links, run_id: str) -> str:
+    """The report's relative images (`![scores](report.png)`, next to it in the artifact) as absolute
+    links to the run's artifact files, so they show in the Prefect UI; dropped when no UI is known."""
+    import re
+
+    def absolute(match: re.Match) -> str:
+        url = links.file(run_id, f"output/{match.group(2)}")
+        return f"![{match.group(1)}]({url})" if url else f"({match.group(2)}: in the MLflow run's artifacts)"
+
+    return re.sub(r"!\[([^\]]*)\]\((?!https?:)([^)]+)\)", absolute, report.read_text())

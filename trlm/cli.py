@@ -62,10 +62,34 @@ def _print_plan(plans, title: str, done_as: str = "done") -> None:
         typer.echo(f"  {p.stage:<12} {state:<8} {(p.key or '-')[:12]:<14} {p.artifact_path or p.note or '-'}")
 
 
-def _prefect_server_up(url: str = "127.0.0.1", port: int = 4200) -> bool:
+def _use_our_prefect_server(r) -> bool:
+    """Point Prefect at the server `trlm up` started for this work dir, if it still runs (PREFECT_API_URL
+    set by the user wins). Never a guess at port 4200: a server there may be someone else's."""
+    from trlm.servers import live_port
+
+    if "PREFECT_API_URL" in os.environ:
+        return True
+    port = live_port(r.work_path, "prefect")
+    if port is None:
+        return False
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    return True
+
+
+def _answers(url: str, timeout_s: float = 2.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex((url, port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 @app.command()
@@ -112,8 +136,7 @@ def run(
                     done_as="cached")
         _where_to_look(r)
         return
-    if "PREFECT_API_URL" not in os.environ and _prefect_server_up():
-        os.environ["PREFECT_API_URL"] = "http://127.0.0.1:4200/api"
+    _use_our_prefect_server(r)
     from trlm.artifacts import mask_secrets
     from trlm.flows.pipeline import pipeline
 
@@ -147,9 +170,14 @@ def _print_report(r, tracker) -> None:
 def _where_to_look(r) -> None:
     from trlm.artifacts import mask_uri
 
+    from trlm.servers import live_port, mlflow_ui_base
+
     typer.echo("\nWhere to look:")
-    typer.echo(f"  MLflow UI:  mlflow ui --backend-store-uri {mask_uri(r.resolved_tracking_uri)} --host 127.0.0.1 --port 5000   (or: trlm up)")
-    typer.echo("  Prefect UI: prefect server start --host 127.0.0.1   (or: trlm up), then http://127.0.0.1:4200")
+    base = mlflow_ui_base(r.resolved_tracking_uri, r.work_path)
+    typer.echo(f"  MLflow UI:  {base}" if base else f"  MLflow UI:  trlm up   (or: mlflow ui --backend-store-uri {mask_uri(r.resolved_tracking_uri)} --host 127.0.0.1)")
+    api = os.environ.get("PREFECT_API_URL")
+    port = live_port(r.work_path, "prefect")
+    typer.echo(f"  Prefect UI: {api.removesuffix('/api')}" if api else f"  Prefect UI: http://127.0.0.1:{port}" if port else "  Prefect UI: trlm up")
     typer.echo(f"  Status:     trlm status --recipe {r.name}")
 
 
@@ -262,13 +290,17 @@ def up(recipe: RecipeOpt = None,
         if proc is not None:
             _fail(f"the {name} server started by an earlier `trlm up` is still running (pid {proc.pid}; see {logs / f'{name}.pid'}); "
                   "stop it with `trlm down` first")
-    busy = [f"{name} port {port}" for name, port in ports.items() if _prefect_server_up(port=port)]
+    busy = [f"{name} port {port}" for name, port in ports.items() if _port_in_use(port)]
     if busy:
         _fail(f"already in use on 127.0.0.1: {', '.join(busy)} (another server?); choose other ports with --prefect-port/--mlflow-port")
     bin_dir = Path(sys.executable).parent
     # The store URI goes through the environment, not the command line (visible to every user in ps).
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_BACKEND_STORE_URI": r.resolved_tracking_uri}
+           "MLFLOW_BACKEND_STORE_URI": r.resolved_tracking_uri,
+           # Prefect 3.8 tells the browser its API address from these settings, not from `--port`:
+           # without them the UI of a server on another port calls :4200 (empty, or someone else's runs).
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(prefect_port),
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
     procs = {
         "prefect": [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
         "mlflow": [str(bin_dir / "mlflow"), "server",
@@ -279,10 +311,11 @@ def up(recipe: RecipeOpt = None,
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         record_server(logs / f"{name}.pid", proc.pid, cmd, port=ports[name])
     deadline = time.time() + 90
-    pending = {"prefect": prefect_port, "mlflow": mlflow_port}
+    health = {"prefect": f"http://127.0.0.1:{prefect_port}/api/health", "mlflow": f"http://127.0.0.1:{mlflow_port}/health"}
+    pending = dict(health)
     while pending and time.time() < deadline:
-        for name, port in list(pending.items()):
-            if _prefect_server_up(port=port):
+        for name, url in list(pending.items()):
+            if _answers(url) and recorded_process(logs / f"{name}.pid")[0] is not None:  # our process, answering
                 pending.pop(name)
         time.sleep(0.5)
     if pending:
@@ -294,9 +327,10 @@ def up(recipe: RecipeOpt = None,
 
     experiment = MlflowClient(r.resolved_tracking_uri).get_experiment_by_name(r.experiment)
     if experiment is not None:
-        typer.echo(f"  runs:     http://127.0.0.1:{mlflow_port}/#/experiments/{experiment.experiment_id}/runs   (expand a pipeline run for its stages)")
+        typer.echo(f"  runs:     http://127.0.0.1:{mlflow_port}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+                   "   (expand a pipeline run for its stages)")
         typer.echo(f"  registry: http://127.0.0.1:{mlflow_port}/#/models/{r.name}")
-    typer.echo(f"`trlm run` finds the Prefect server on port 4200 by itself. Logs and pids: {logs}. Stop: trlm down")
+    typer.echo(f"`trlm run` and `trlm serve` with this work dir use these servers by themselves. Logs and pids: {logs}. Stop: trlm down")
 
 
 @app.command()
@@ -320,10 +354,8 @@ def serve(recipe: RecipeOpt = None,
     """Register the pipeline deployments (nightly cron + manual, per-stage parameters) and serve them."""
     r, overrides = _load(recipe, set_)
     quiet_environment(r)
-    if "PREFECT_API_URL" not in os.environ:
-        if not _prefect_server_up():
-            _fail("no Prefect server: start one with `trlm up` (schedules need a persistent API)")
-        os.environ["PREFECT_API_URL"] = "http://127.0.0.1:4200/api"
+    if not _use_our_prefect_server(r):
+        _fail("no Prefect server: start one with `trlm up` or set PREFECT_API_URL (schedules need a persistent API)")
     from prefect import serve as prefect_serve
 
     from trlm.flows.pipeline import pipeline

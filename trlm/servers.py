@@ -88,3 +88,34 @@ def stop_server(pid_file: Path) -> tuple[bool, str]:
         return False, "it has exited"
     finally:
         Path(pid_file).unlink(missing_ok=True)
+
+
+# --- where the running servers are ---------------------------------------------------------------
+
+
+def live_port(work_dir: Path, name: str) -> int | None:
+    """The port of the server `name` ("prefect" / "mlflow") that `trlm up` started for this work dir,
+    while that very process still runs; None otherwise. Never a guess at a default port: another
+    server there would be someone else's."""
+    pid_file = Path(work_dir) / "servers" / f"{name}.pid"
+    proc, _ = recorded_process(pid_file)
+    rec = read_record(pid_file) if proc is not None else None
+    return int(rec["port"]) if rec and rec.get("port") else None
+
+
+def mlflow_ui_base(tracking_uri: str, work_dir: Path) -> str | None:
+    """The MLflow UI that shows this tracking store, for links: `TRLM_MLFLOW_UI` if set, else the
+    tracking server itself (credentials stripped), else the server `trlm up` started; None when no
+    UI is known (a local store with no server running)."""
+    from urllib.parse import urlparse, urlunparse
+
+    if os.environ.get("TRLM_MLFLOW_UI"):
+        return os.environ["TRLM_MLFLOW_UI"].rstrip("/")
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme in ("http", "https"):
+        host = parsed.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{parsed.port}" if parsed.port else ""
+        return urlunparse((parsed.scheme, netloc, parsed.path.rstrip("/"), "", "", ""))
+    port = live_port(work_dir, "mlflow")
+    return f"http://127.0.0.1:{port}" if port else None

@@ -1,0 +1,32 @@
+"""Links in the Prefect UI point at the MLflow UI actually in use, never at a fixed port."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from trlm.flows.publish import Links, embed_images
+
+
+def _tracker(uri: str, work_dir) -> SimpleNamespace:
+    return SimpleNamespace(tracking_uri=uri, work_dir=work_dir, experiment_id="7")
+
+
+def test_links_follow_the_tracking_server_without_its_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRLM_MLFLOW_UI", raising=False)
+    links = Links(_tracker("https://alice:tok3n@mlflow.example.org:8443/prefix/", tmp_path))
+    assert links.run("abc") == "https://mlflow.example.org:8443/prefix/#/experiments/7/runs/abc"
+    assert links.runs() == "https://mlflow.example.org:8443/prefix/#/experiments/7/runs?workflowType=machine_learning"
+    assert links.file("abc", "plots/sft-curves.png") == "https://mlflow.example.org:8443/prefix/get-artifact?path=plots%2Fsft-curves.png&run_uuid=abc"
+
+
+def test_a_local_store_without_a_running_ui_gets_no_dead_links(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRLM_MLFLOW_UI", raising=False)
+    links = Links(_tracker(f"sqlite:///{tmp_path}/mlflow.db", tmp_path))
+    assert links.base is None and links.run("abc") is None
+    report = tmp_path / "report.md"
+    report.write_text("# r\n\n![scores](report.png)\n\n![web](https://example.org/x.png)\n")
+    text = embed_images(report, links, "abc")
+    assert "(report.png: in the MLflow run's artifacts)" in text and "![web](https://example.org/x.png)" in text
+    monkeypatch.setenv("TRLM_MLFLOW_UI", "http://127.0.0.1:5123/")
+    text = embed_images(report, Links(_tracker(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)), "abc")
+    assert "![scores](http://127.0.0.1:5123/get-artifact?path=output%2Freport.png&run_uuid=abc)" in text
