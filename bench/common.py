@@ -37,14 +37,14 @@ def scratch_dir(prefix: str) -> Path:
 def base_model_dir(recipe: str | None = None) -> Path:
     """The offline base checkpoint (materialized once from the GGUF, as the pipeline does)."""
     from trlm.base_model import materialize_base_model
-    from trlm.recipe import load_recipe
+    from trlm.stages.registry import load_recipe
 
     r = load_recipe(recipe)
     return materialize_base_model(r.base_model, r.work_path)
 
 
 def data_root(recipe: str | None = None) -> Path:
-    from trlm.recipe import load_recipe
+    from trlm.stages.registry import load_recipe
 
     return load_recipe(recipe).data_path
 

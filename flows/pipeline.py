@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from trlm.artifacts import mask_secrets, remove_leftovers
-from trlm.flows.launch import launch_command, run_stage_process, wants_launcher
+from trlm.flows.launch import launch_command, launch_env, launch_plan, run_stage_process
 from trlm.flows.publish import publish
 from trlm.lineage import base_fingerprint, code_version, compute_key, short_hash, stage_config, stage_inputs
 from trlm.tracking import TAG_KIND, TAG_OWNER, TAG_RECIPE, Tracker, close_abandoned_runs, owner_tag, register_model, setup_tracking
@@ -105,9 +105,10 @@ def stage_task(name: str, ref: dict, base: dict, upstream: dict[str, dict], pare
     def execute(out: Path, on_log) -> dict:
         ctx = StageContext(recipe, stage.config_of(recipe), out, paths, declared, on_log,
                            cached_step=substep_runner(tracker, recipe, stage, on_log.run_id, force))
-        if wants_launcher(stage):
+        if (plan := launch_plan(stage, ctx.config)) is not None:  # several processes: under torchrun / accelerate
             cmd = launch_command(stage, ctx, out.parent / f"{stage.name}-config.json")
-            return run_stage_process(cmd, out, on_log, get_run_logger().info)
+            get_run_logger().info("%s: %d processes under %s", stage.name, plan.num_processes, plan.launcher)
+            return run_stage_process(cmd, out, on_log, get_run_logger().info, env=launch_env(plan.num_processes))
         return stage.run(ctx) or {}
 
     outcome = run_stage(tracker, recipe, work, execute, parent_run_id=parent_run_id, force=force, extra_tags=_prefect_tags())

@@ -1,14 +1,16 @@
 """Checkpoints, resume, and the stage's final artifact.
 
-* `save_checkpoint` (atomic, every process saves its RNG state; the newest `keep` are kept),
-  `trainer_state` (step, data position, metrics history), `latest_checkpoint`, `load_checkpoint`
-  (refuses a checkpoint of a different stage config or data), `remove_incomplete` (what a kill
-  leaves behind).
+* `save_checkpoint` (atomic, every process saves its RNG state, under FSDP its shards; the newest
+  `keep` are kept), `trainer_state` (step, data position, world size, metrics history),
+  `latest_checkpoint`, `load_checkpoint` (refuses a checkpoint of a different stage config, data
+  or number of processes), `remove_incomplete` (what a kill leaves behind).
 * `export_model` (`out_dir/model/`, a standard HF checkpoint), `finish_stage` (`metrics.json`, then
   `fingerprint.json` last), `finished_summary` (a finished stage is never run again).
 
-Layout: `out_dir/checkpoints/step-<6 digits>/` holding accelerate's state, `trainer_state.json` and,
-written last, `COMPLETE`.
+Layout: `out_dir/checkpoints/step-<6 digits>/` holding accelerate's state, under FSDP `sharded/`
+(torch.distributed.checkpoint: model and optimizer, one file per process plus `.metadata`),
+`trainer_state.json` and, written last, `COMPLETE`. A checkpoint is complete only when every
+process has written its part (barrier before the marker), so a kill of any rank leaves a `.tmp-*`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from typing import Any
 from trlm.artifacts import atomic_directory, discard, hash_json, read_fingerprint, remove_stale_temporaries, write_fingerprint
 from trlm.recipe import output_config
 from trlm.stages.batching import StepPlan
+from trlm.stages.distributed import full_state_dict, is_sharded, load_sharded, save_sharded
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint, before the atomic rename
 TRAINER_STATE = "trainer_state.json"
+SHARDED = "sharded"  # FSDP: the DCP checkpoint of model and optimizer inside a step directory
 
 
 def checkpoint_name(step: int) -> str:
@@ -59,7 +63,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any], keep: int, shards: tuple | None = None) -> Path:
     """Atomically write `out_dir/checkpoints/step-<6-digit step>/` and keep only the newest `keep`.
 
     Contents: accelerate's `save_state` (model.safetensors, optimizer.bin, scheduler.bin and the RNG
@@ -67,7 +71,8 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any]
     micro-batch index, metrics history) and, last, the `COMPLETE` marker. Everything is written to a
     `.tmp-*` sibling, fsynced and renamed (`trlm.artifacts.atomic_directory`), so a killed process
     never leaves a directory that looks complete. All processes must call this (each saves its own
-    RNG state, FSDP its shards); the main process owns the temporary directory.
+    RNG state, FSDP its shards); the main process owns the temporary directory. `shards`: FSDP's
+    (model, optimizer), written with DCP (accelerate then saves the schedule and RNG states only).
     """
     from accelerate.utils import broadcast_object_list
 
@@ -75,6 +80,8 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any]
     with atomic_directory(final) if accelerator.is_main_process else nullcontext(None) as tmp:
         tmp = Path(broadcast_object_list([str(tmp) if tmp else None])[0])
         accelerator.save_state(str(tmp))
+        if shards is not None:
+            save_sharded(*shards, tmp / SHARDED)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
@@ -87,8 +94,10 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any]
     return final
 
 
-def trainer_state(cfg, plan: StepPlan, step: int, *, data_fp: str, runtime_s: float, total_tokens: float, history: list) -> dict[str, Any]:
-    """What a checkpoint records besides accelerate's state: the data position and the history."""
+def trainer_state(cfg, plan: StepPlan, step: int, *, data_fp: str, num_processes: int, runtime_s: float, total_tokens: float,
+                  history: list) -> dict[str, Any]:
+    """What a checkpoint records besides accelerate's state: the data position, the world size (the
+    row order per process and the shards depend on it) and the history."""
     epoch, index = plan.position(step, cfg.train.grad_accum_steps)
     return {
         "step": step,
@@ -97,22 +106,31 @@ def trainer_state(cfg, plan: StepPlan, step: int, *, data_fp: str, runtime_s: fl
         "total_steps": plan.total_steps,
         "config_hash": config_hash(cfg),
         "data_fingerprint": data_fp,
+        "num_processes": num_processes,
         "runtime_s": runtime_s,
         "total_tokens": total_tokens,
         "history": history,
     }
 
 
-def load_checkpoint(accelerator, checkpoint: Path, cfg, *, data_fp: str) -> dict[str, Any]:
-    """Check that `checkpoint` belongs to this run (same stage config and data), restore model,
-    optimizer, scheduler and RNG states, and return its trainer state (step, data position, history)."""
+def load_checkpoint(accelerator, checkpoint: Path, cfg, *, data_fp: str, shards: tuple | None = None) -> dict[str, Any]:
+    """Check that `checkpoint` belongs to this run (same stage config, data and number of processes),
+    restore model, optimizer, scheduler and RNG states (FSDP: `shards` from DCP), and return its
+    trainer state (step, data position, history)."""
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
     if state.get("config_hash") != config_hash(cfg) or state.get("data_fingerprint") != data_fp:
         raise ValueError(
             f"{checkpoint} was written by a run with a different stage config or data; "
             "resume needs the same settings (use a fresh out_dir, or delete its checkpoints/)"
         )
+    if state.get("num_processes", 1) != accelerator.num_processes:
+        raise ValueError(
+            f"{checkpoint} was written by {state.get('num_processes', 1)} process(es), this run has {accelerator.num_processes}: "
+            "the global batch and the data order per process differ; resume with the same number (or a fresh out_dir)"
+        )
     accelerator.load_state(str(checkpoint))
+    if shards is not None:
+        load_sharded(*shards, checkpoint / SHARDED)
     return state
 
 
@@ -127,7 +145,8 @@ def export_model(accelerator, model, tokenizer, out_dir: Path) -> Path:
     """`out_dir/model/`: a standard HF checkpoint (safetensors, config, generation config with
     eos = <|im_end|>) plus the training tokenizer (added special tokens, chat template). Atomic."""
     final = Path(out_dir) / "model"
-    state_dict = accelerator.get_state_dict(model)  # full state dict (gathered under FSDP); all ranks
+    # The whole state dict (gathered from the shards under FSDP); every process takes part.
+    state_dict = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.use_cache = True  # turned off for gradient checkpointing; generation wants it

@@ -40,12 +40,21 @@ Trade-offs:
   and the attention itself still runs over the prompt once per side.
 * Dropout is off (TRL's `disable_dropout=True`); SmolLM2 has no dropout anyway.
 
+Several processes (DDP or FSDP2, `stages/distributed.py`): each process takes `batch_size` pairs of
+every global micro-batch; the loss is its mean over them and DDP/FSDP average over processes, so
+the step's loss is the mean over all its pairs. The reference log-probs are computed once: each
+process runs its contiguous share of the rows, the shares are gathered, rank 0 stores the table,
+and on resume rank 0 reads it and sends it to the others (no process recomputes everything, and no
+process needs to see rank 0's file system). The frozen reference copy (`precompute_ref_logps:
+false`) is sharded like the policy under FSDP.
+
 Usage:
     python -m trlm.stages.dpo --recipe offline-smoke --stage dpo \
         --model-dir SFT_THINK/model --data-dir DATA/dpo --out-dir OUT
+    torchrun --nproc-per-node 2 -m trlm.stages.dpo ...
     accelerate launch --config_file trlm/accelerate_configs/single_gpu.yaml -m trlm.stages.dpo ...
     accelerate launch --config_file trlm/accelerate_configs/multi_gpu.yaml  -m trlm.stages.dpo ...  # DDP
-    accelerate launch --config_file trlm/accelerate_configs/fsdp.yaml       -m trlm.stages.dpo ...  # FSDP2
+    accelerate launch --config_file trlm/accelerate_configs/fsdp.yaml       -m trlm.stages.dpo ...  # FSDP2 (train.distributed: fsdp)
 """
 
 from __future__ import annotations
@@ -53,7 +62,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -62,10 +70,11 @@ import torch
 
 from trlm.artifacts import atomic_file, read_fingerprint
 from trlm.recipe import DPOStageConfig
-from trlm.stage import MODEL, Stage, StageContext, mixture_check, section_without_mixture
+from trlm.stage import MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
 from trlm.stages.attention import install_head_forward
 from trlm.stages.batching import Ragged, collate, micro_batch_rows, to_device, unpack_rows
 from trlm.stages.checkpoints import finished_summary
+from trlm.stages.distributed import gradient_sync, one_writer, shard_model
 from trlm.stages.entry import stage_main
 from trlm.stages.losses import IGNORE_INDEX, chunked_sequence_logps, dpo_loss, dpo_metrics
 from trlm.stages.loop import (
@@ -205,12 +214,21 @@ def reference_logps(ref_table: dict | None, reference, rows, batch: dict) -> tup
 
 
 def load_or_compute_reference(accelerator, model, data, cfg: DPOStageConfig, *, key: dict, out_dir: Path, pad_id: int) -> dict:
-    """`out_dir/reference_logps.pt` if it was computed for this data and model, else compute and store it."""
+    """`out_dir/reference_logps.pt` if it was computed for this data and model, else compute and store it.
+
+    Several processes: the main process reads the file and hands it to the others (they all decide
+    alike, and need not see its file system); a computation is shared (`compute_reference_logps`)."""
+    from accelerate.utils import broadcast_object_list
+
     path = out_dir / REFERENCE_FILE
-    if path.is_file():
+    stored = None
+    if accelerator.is_main_process and path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") == key:
-            return stored
+        stored = stored if stored.get("key") == key else None
+    if accelerator.num_processes > 1:
+        stored = broadcast_object_list([stored])[0]
+    if stored is not None:
+        return stored
     ref = compute_reference_logps(accelerator, model, data, batch_size=cfg.train.batch_size, padding_free=cfg.train.padding_free, pad_id=pad_id,
                                   share_prompt=shares_prompt(cfg))
     ref["key"] = key
@@ -221,6 +239,7 @@ def load_or_compute_reference(accelerator, model, data, cfg: DPOStageConfig, *, 
     return ref
 
 
+@one_writer  # the writing process holds a lock on out_dir for the whole call (distributed.py)
 def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: Path, on_log: OnLog | None = None) -> dict:
     """Run (or resume, or skip if finished) the DPO stage; return the summary of final metrics."""
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
@@ -236,7 +255,10 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
     if not cfg.precompute_ref_logps:
         reference = copy.deepcopy(setup.model).requires_grad_(False).eval()
         install_head_forward(reference)
-        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+        if train.distributed == "fsdp":
+            reference = shard_model(reference, accelerator)
+        else:
+            reference = accelerator.prepare_model(reference, evaluation_mode=True)
     model, optimizer, scheduler = prepare_training(setup)
 
     # --- reference log-probs, from the starting weights (so before any resume) --------------------
@@ -261,7 +283,7 @@ def train_dpo(cfg: DPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
                 rows = micro_batch_rows(plan, setup.n_rows, train.batch_size, train.seed, g, accelerator.process_index, accelerator.num_processes)
                 batch = pair_batch(data, rows, padding_free=train.padding_free, pad_id=setup.pad_id, share_prompt=share_prompt)
                 batch = to_device(batch, accelerator.device)
-                with accelerator.no_sync(model) if i < accum - 1 else nullcontext():
+                with gradient_sync(accelerator, model, last=i == accum - 1):
                     logps, tokens = forward_logps(model, batch)  # chosen and rejected in ONE pass
                     b = len(rows)
                     policy_chosen, policy_rejected = logps[:b], logps[b:]
@@ -316,10 +338,11 @@ STAGE = Stage(
     config=DPOStageConfig,
     inputs=lambda recipe: {"model": f"sft-think:{MODEL}", "data": "data-prep:dpo"},
     key_config=section_without_mixture("dpo"),
-    check=mixture_check("dpo", "preference"),
+    check=training_check("dpo", "preference"),
     hands_on=MODEL,
     run=_run,
     launch_inputs=("model", "data"),
+    launch=train_launch,
     libraries=("torch", "transformers", "tokenizers", "accelerate", "einops"),
     register_alias="candidate",  # the pipeline's final model: `<recipe>@candidate` in the registry
     description="preference optimisation on chosen/rejected pairs",

@@ -25,6 +25,10 @@ Here: `setup_training` / `prepare_training` (accelerator, seed, data, model, opt
 non-finite check, step), `save_if_due`, `finish` (model/, metrics.json, fingerprint.json). The
 command line of both stages is `stages/entry.py`.
 
+Several processes (DDP, FSDP2: `stages/distributed.py`) change only `setup_training` (the launch
+checked before any compute), `prepare_training` (the wrapping) and the checkpoints; the loops are
+the same in every mode.
+
 A NaN or infinite loss or gradient norm stops the stage (`NonFiniteError`) before that step is
 applied: a broken model is never exported, fingerprinted or handed to the next stage.
 """
@@ -44,6 +48,7 @@ from accelerate.utils import set_seed
 from trlm.stages.attention import install_head_forward
 from trlm.stages.batching import Ragged, StepPlan, data_fingerprint, load_ragged, plan_steps
 from trlm.stages.checkpoints import (
+    COMPLETE_MARKER,
     export_model,
     finish_stage,
     latest_checkpoint,
@@ -52,6 +57,7 @@ from trlm.stages.checkpoints import (
     save_checkpoint,
     trainer_state,
 )
+from trlm.stages.distributed import LaunchError, check_launch, shard_model
 from trlm.stages.modeling import (
     compile_blocks,
     enable_gradient_checkpointing,
@@ -90,6 +96,9 @@ class Setup:
     model: torch.nn.Module
     pad_id: int
     added_tokens: int
+    # FSDP: (model, optimizer), checkpointed with DCP next to accelerate's files; None when
+    # accelerate's save_state covers them (one process, DDP).
+    shards: tuple | None = None
 
     @property
     def train(self):
@@ -103,19 +112,21 @@ class Setup:
 def setup_training(cfg, stage: str, *, model_dir: Path, data_dir: Path, out_dir: Path, columns: list[str]) -> Setup:
     """Accelerator and seed, `out_dir` (minus what a killed run left), the data directory written by
     data-prep (`train.parquet` columns, `tokenizer/`), the step plan, and the starting model with the
-    tokenizer's new tokens (`<think>`, `</think>` in stage 2) and eos = pad = `<|im_end|>`."""
+    tokenizer's new tokens (`<think>`, `</think>` in stage 2) and eos = pad = `<|im_end|>`.
+    A launch that cannot train as the recipe says stops here, before anything is written
+    (`distributed.check_launch`)."""
     train = cfg.train
-    accelerator, dtype, precision = make_accelerator(train.precision)
+    accelerator, dtype, precision = make_accelerator(train.precision, train.distributed)
     set_seed(train.seed)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    data = load_ragged(data_dir / "train.parquet", columns)
+    n_rows = len(data[columns[0]])
+    check_launch(train, accelerator, n_rows)
+    plan = plan_steps(n_rows, train, accelerator.num_processes)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(out_dir)  # half-written checkpoints of a killed run are never resumed from
     accelerator.wait_for_everyone()
-
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    data = load_ragged(data_dir / "train.parquet", columns)
-    n_rows = len(data[columns[0]])
-    plan = plan_steps(n_rows, train, accelerator.num_processes)
 
     model = load_model(model_dir, dtype, train.attn_implementation)
     added_tokens = resize_for_tokenizer(model, tokenizer)
@@ -124,17 +135,25 @@ def setup_training(cfg, stage: str, *, model_dir: Path, data_dir: Path, out_dir:
 
 
 def prepare_training(setup: Setup):
-    """Gradient checkpointing and compilation if asked, the loss-head forward, AdamW and the schedule,
-    all handed to accelerate (DDP / FSDP wrapping, autocast): (model, optimizer, scheduler)."""
+    """Gradient checkpointing and compilation if asked, the loss-head forward, AdamW and the schedule:
+    (model, optimizer, scheduler). One process or DDP: all handed to accelerate (DDP wrapping,
+    autocast). FSDP: the model is sharded first (`distributed.shard_model`), the optimizer built on
+    its shards, and only the schedule goes to accelerate (so it is saved with the RNG states)."""
     train, model = setup.train, setup.model
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if train.compile:
         compile_blocks(model)
     install_head_forward(model)
+    sharded = train.distributed == "fsdp"
+    if sharded:
+        model = shard_model(model, setup.accelerator)
     optimizer = build_optimizer(model, train.learning_rate, train.weight_decay)
     scheduler = build_scheduler(optimizer, train, setup.plan.total_steps)
-    return setup.accelerator.prepare(model, optimizer, scheduler)
+    if not sharded:
+        return setup.accelerator.prepare(model, optimizer, scheduler)
+    setup.shards = (model, optimizer)
+    return model, optimizer, setup.accelerator.prepare(scheduler)
 
 
 # --- resume, logging, checkpoints ----------------------------------------------------------------
@@ -151,10 +170,19 @@ class Progress:
 
 def maybe_resume(setup: Setup) -> tuple[int, Progress]:
     """Restore the newest complete checkpoint in `out_dir/checkpoints/` (model, optimizer, scheduler,
-    RNG states) if there is one: (its step, its progress); else (0, nothing done)."""
-    if (checkpoint := latest_checkpoint(setup.out_dir)) is None:
+    RNG states) if there is one: (its step, its progress); else (0, nothing done). Rank 0 picks
+    the checkpoint for every process, so that all resume from the same step or none does."""
+    checkpoint = latest_checkpoint(setup.out_dir) if setup.is_main else None
+    if setup.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        checkpoint = broadcast_object_list([checkpoint])[0]
+    if checkpoint is None:
         return 0, Progress()
-    state = load_checkpoint(setup.accelerator, checkpoint, setup.cfg, data_fp=setup.data_fp)
+    if not (checkpoint / COMPLETE_MARKER).is_file():
+        raise LaunchError(f"process {setup.accelerator.process_index} cannot see {checkpoint}, which rank 0 resumes from: "
+                          "out_dir must be on a file system that every machine shares")
+    state = load_checkpoint(setup.accelerator, checkpoint, setup.cfg, data_fp=setup.data_fp, shards=setup.shards)
     return state["step"], Progress(state["history"], state["runtime_s"], state["total_tokens"])
 
 
@@ -252,9 +280,9 @@ def save_if_due(setup: Setup, step: int, progress: Progress, watch: Stopwatch) -
     train = setup.train
     if due(step, train.save_steps, setup.plan.total_steps):
         with watch.excluded():
-            state = trainer_state(setup.cfg, setup.plan, step, data_fp=setup.data_fp, runtime_s=progress.runtime_s,
+            state = trainer_state(setup.cfg, setup.plan, step, data_fp=setup.data_fp, num_processes=setup.accelerator.num_processes, runtime_s=progress.runtime_s,
                                   total_tokens=progress.total_tokens, history=progress.history)
-            save_checkpoint(setup.accelerator, setup.out_dir, step, state, keep=train.save_total_limit)
+            save_checkpoint(setup.accelerator, setup.out_dir, step, state, keep=train.save_total_limit, shards=setup.shards)
 
 
 # --- the optimizer step --------------------------------------------------------------------------
@@ -264,7 +292,7 @@ def optimizer_step(setup: Setup, model, optimizer, scheduler, *, step: int, loss
     """Clip the gradients, stop on a non-finite loss or gradient norm, apply the step, advance the
     schedule. `step` is this step's 1-based number; `loss` this process's loss for the step (only
     its finiteness is used). Returns (gradient norm before clipping, the learning rate this step used)."""
-    grad_norm = clip_gradients(setup.accelerator, model, setup.train.max_grad_norm)
+    grad_norm = clip_gradients(model, setup.train.max_grad_norm)
     check_finite(setup, step=step, loss=loss, grad_norm=grad_norm)
     learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
     optimizer.step()
@@ -309,7 +337,7 @@ def finish(setup: Setup, model, progress: Progress, extra: dict[str, Any]) -> di
         "model_dir": str(setup.out_dir / "model"),
     }
     if setup.is_main:
-        meta = {"stage": setup.stage, **env_summary(setup.accelerator, setup.precision)}
+        meta = {"stage": setup.stage, "distributed": setup.train.distributed, **env_summary(setup.accelerator, setup.precision)}
         finish_stage(setup.out_dir, summary, progress.history, meta=meta, keep_checkpoints=setup.train.keep_checkpoints)
     setup.accelerator.wait_for_everyone()
     return summary

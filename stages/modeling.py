@@ -19,8 +19,11 @@ from trlm.stages.attention import PACKED_SDPA, register_packed_sdpa
 END_OF_TURN = "<|im_end|>"
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, distributed: str = "ddp"):
     """One `Accelerator` per stage call; returns (accelerator, weight dtype, resolved precision).
+
+    Under a launcher it joins the launched processes into one group (gloo on a CPU; see
+    `distributed.accelerator_options`); `distributed` is checked against accelerate's FSDP launch.
 
     precision:
       auto        bf16 autocast on GPU (fp32 master weights), fp32 on CPU
@@ -38,6 +41,8 @@ def make_accelerator(precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    from trlm.stages.distributed import accelerator_options
+
     # AcceleratorState is a process-wide singleton that refuses a different mixed_precision: reset it
     # so that several stages (and tests) can run one after the other in one process. The distributed
     # part (PartialState) is kept, so this is also safe under `accelerate launch`.
@@ -47,7 +52,7 @@ def make_accelerator(precision: str):
     if precision == "auto":
         precision = "bf16-mixed" if on_gpu else "fp32"
     mixed = {"fp32": "no", "bf16-mixed": "bf16", "bf16-pure": "no"}[precision]
-    accelerator = Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False, **accelerator_options(distributed))
     dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     return accelerator, dtype, precision
 

@@ -42,29 +42,36 @@ Trade-offs:
 * Resume is exact (bit-identical on CPU in fp32: same data order, RNG, optimizer state).
 * `bf16-pure` halves memory and follows the published run, at the cost of rounding small updates.
 
+Several processes (`stages/distributed.py`): `train.distributed` ddp or fsdp (FSDP2), the same
+results as one process with the same global batch (tested: loss and gradient norm to 1e-5).
+`batch_size` is per process: the global batch is batch_size x grad_accum_steps x processes, and
+each process takes its own rows of every global micro-batch (`batching.micro_batch_rows`). The
+target-token count of a step is summed over processes before dividing, so the loss stays a token
+mean over the whole global step. Rank 0 alone writes `model/`, `metrics.json`, `fingerprint.json`;
+every process writes its RNG state (and under FSDP its shards) into each checkpoint.
+
 Usage:
     python -m trlm.stages.sft --recipe offline-smoke --stage sft-think \
         --model-dir MODEL --data-dir DATA/sft-think --out-dir OUT
     python -m trlm.stages.sft --config sft.yaml --model-dir ... --data-dir ... --out-dir ...
-    # GPUs (configs in trlm/accelerate_configs/):
+    torchrun --nproc-per-node 2 -m trlm.stages.sft ...             # 2 processes (GPUs, or CPU with gloo)
+    # or accelerate (configs in trlm/accelerate_configs/):
     accelerate launch --config_file trlm/accelerate_configs/single_gpu.yaml -m trlm.stages.sft ...
     accelerate launch --config_file trlm/accelerate_configs/multi_gpu.yaml  -m trlm.stages.sft ...  # DDP
-    accelerate launch --config_file trlm/accelerate_configs/fsdp.yaml       -m trlm.stages.sft ...  # FSDP2
-On CPU it runs in-process and single-process; `batch_size` is per process, so the global batch is
-batch_size x grad_accum_steps x num_processes. (Several CPU processes, gloo DDP, for testing:
-`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m trlm.stages.sft ...`.)
+    accelerate launch --config_file trlm/accelerate_configs/fsdp.yaml       -m trlm.stages.sft ...  # FSDP2 (train.distributed: fsdp)
+Several machines: README "Several GPUs and several machines".
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 from trlm.recipe import SFTStageConfig
-from trlm.stage import BASE, MODEL, Stage, StageContext, mixture_check, section_without_mixture
+from trlm.stage import BASE, MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
 from trlm.stages.batching import collate, micro_batch_rows, to_device
 from trlm.stages.checkpoints import finished_summary
+from trlm.stages.distributed import gradient_sync, one_writer
 from trlm.stages.entry import stage_main
 from trlm.stages.losses import attach_neftune, chunked_sft_loss_sum, count_target_tokens
 from trlm.stages.loop import (
@@ -83,6 +90,7 @@ from trlm.stages.loop import (
 )
 
 
+@one_writer  # the writing process holds a lock on out_dir for the whole call (distributed.py)
 def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: Path, on_log: OnLog | None = None) -> dict:
     """Run (or resume, or skip if finished) one SFT stage; return the summary of final metrics."""
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
@@ -115,8 +123,8 @@ def train_sft(cfg: SFTStageConfig, *, model_dir: Path, data_dir: Path, out_dir: 
 
             step_loss = 0.0
             for i, mb in enumerate(micro_batches):
-                # DDP: all-reduce the gradients only once, on the step's last micro-batch.
-                with accelerator.no_sync(model) if i < accum - 1 else nullcontext():
+                # Several processes: reduce the gradients only once, on the step's last micro-batch.
+                with gradient_sync(accelerator, model, last=i == accum - 1):
                     if neftune is not None:
                         neftune.lengths = mb["doc_lengths"]
                     head = partial(chunked_sft_loss_sum, labels=mb["labels"], loss_type=cfg.loss_type)
@@ -171,10 +179,11 @@ def _declare(name: str, model_from: str, description: str) -> Stage:
         config=SFTStageConfig,
         inputs=lambda recipe: {"model": f"{model_from}:{MODEL}", "data": f"data-prep:{name}"},
         key_config=section_without_mixture(section),
-        check=mixture_check(section, "sft"),
+        check=training_check(section, "sft"),
         hands_on=MODEL,
         run=_run,
         launch_inputs=("model", "data"),
+        launch=train_launch,
         libraries=TRAINING_LIBRARIES,
         description=description,
     )

@@ -114,17 +114,34 @@ class TrainConfig(Strict):
     compile: Bool = Field(
         False, description="torch.compile each decoder layer's norms and MLP (GPU: fuses the memory-bound elementwise work; compiling costs a minute)"
     )
+    # Several processes: README "Several GPUs and several machines", stages/distributed.py.
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="ddp (each process holds the model) or fsdp (FSDP2: sharded; 2+ processes)")
+    num_processes: Literal["auto"] | PositiveInt = Field(
+        "auto", description="the world size (global batch = batch_size x grad_accum_steps x num_processes); auto = this machine's GPUs, 1 without one"
+    )
+    launcher: Literal["torchrun", "accelerate"] = Field("torchrun", description="how the flow starts several processes; not in the key")
+
+    def world_size(self) -> int:
+        """num_processes with `auto` resolved: the visible GPUs, 1 without one."""
+        if self.num_processes != "auto":
+            return self.num_processes
+        import torch
+
+        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
     @model_validator(mode="after")
     def _min_lr_only_with_its_schedule(self) -> "TrainConfig":
         if self.min_lr_rate and self.lr_scheduler != "cosine_with_min_lr":
             raise ValueError("min_lr_rate is only used by lr_scheduler 'cosine_with_min_lr'")
+        if self.distributed == "fsdp" and self.num_processes == 1:
+            raise ValueError("distributed 'fsdp' shards the model over processes: it needs num_processes >= 2 (or 'auto'); use 'ddp' for one")
         return self
 
 
-# Settings that change where files are kept, never what a stage computes: left out of the stage's
-# cache key and of the resume check, so flipping them neither reruns a stage nor blocks a resume.
-NOT_IN_KEY = {"train": {"keep_checkpoints"}}
+# Settings that change where files are kept or how processes are started, never what a stage
+# computes: left out of the stage's cache key and of the resume check, so flipping them neither
+# reruns a stage nor blocks a resume. (num_processes is in the key: it sets the global batch.)
+NOT_IN_KEY = {"train": {"keep_checkpoints", "launcher"}}
 
 
 def output_config(cfg: BaseModel) -> dict[str, Any]:

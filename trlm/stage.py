@@ -20,7 +20,8 @@ A declaration says:
   (fingerprints of files it reads directly), `libraries` (distributions whose version shapes its
   output, part of its code version), `register_alias` (register `model/` in the model registry),
   `launch_inputs` (input names passed as `--<name>-dir` when the flow starts its module under a
-  multi-process launcher).
+  multi-process launcher) and `launch(config)` (a `Launch`: how many processes, which launcher; the
+  flow starts the module under it when that is more than one).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Stage:
     libraries: tuple[str, ...] = ()
     register_alias: str | None = None
     launch_inputs: tuple[str, ...] = ()
+    launch: Callable[[BaseModel], "Launch"] | None = None  # None: in-process; else how many processes, under which launcher
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -101,24 +103,46 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 def section_without_mixture(section: str) -> Callable[[Any], dict]:
     """Key config of a training stage: its section minus `data` (data-prep's key covers the mixture,
-    and the prepared data's fingerprint is an input) and minus settings that change no output."""
+    and the prepared data's fingerprint is an input) and minus settings that change no output.
+    `train.num_processes: auto` is keyed by the number it stands for here: it sets the global batch."""
 
     def key_config(recipe: Any) -> dict:
         cfg = output_config(getattr(recipe, section))
         cfg.pop("data", None)
+        if "num_processes" in cfg.get("train", {}):
+            cfg["train"]["num_processes"] = getattr(recipe, section).train.world_size()
         return cfg
 
     return key_config
 
 
-def mixture_check(section: str, kind: str) -> Callable[[Any], None]:
-    """Validation before any compute: the section's data spec exists, is of `kind` and its sources are there."""
+def training_check(section: str, kind: str) -> Callable[[Any], None]:
+    """Validation before any compute: the section's data spec exists, is of `kind` and its sources
+    are there; FSDP gets at least 2 processes on this machine."""
 
     def check(recipe: Any) -> None:
-        mixture = getattr(recipe, section).data
-        spec = load_data_spec(mixture.spec)
+        cfg = getattr(recipe, section)
+        spec = load_data_spec(cfg.data.spec)
         if spec.kind != kind:
-            raise RecipeError(f"{section}.data.spec: {mixture.spec} is a {spec.kind!r} spec, this stage needs {kind!r}")
+            raise RecipeError(f"{section}.data.spec: {cfg.data.spec} is a {spec.kind!r} spec, this stage needs {kind!r}")
         spec.check_sources(recipe.data_path, allow_outside_data_root=recipe.allow_outside_data_root)
+        if cfg.train.distributed == "fsdp" and cfg.train.world_size() < 2:
+            raise RecipeError(f"{section}.train.distributed: fsdp needs at least 2 processes, and num_processes "
+                              f"{cfg.train.num_processes!r} means 1 here; set {section}.train.num_processes=N or use ddp")
 
     return check
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the flow starts a stage that runs in several processes: N processes under a launcher."""
+
+    num_processes: int
+    launcher: str  # torchrun | accelerate
+    distributed: str  # ddp | fsdp: picks the accelerate config
+
+
+def train_launch(config: Any) -> Launch:
+    """`Stage.launch` of the training stages: read from their `train:` section."""
+    train = config.train
+    return Launch(train.world_size(), train.launcher, train.distributed)
