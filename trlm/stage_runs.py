@@ -3,8 +3,10 @@
 `run_stage` skips work whose key has a FINISHED run (after checking that run's artifact still
 matches its fingerprint), or resumes an unfinished run of the same key in its own directory, or
 starts a new run; it marks the run FINISHED only once the output's fingerprint is written and
-recorded, and FAILED (or KILLED) with the reason otherwise. While it executes, the work holds a lock
-on its key in the work dir, so a second process reaching the same stage stops with a clear error.
+recorded (and, with a remote artifact store, the upload checked complete against it), and FAILED (or
+KILLED) with the reason otherwise: later, if the tracking server is unreachable at that moment.
+While it executes, the work holds a lock on its key in the work dir, so a second process reaching
+the same stage stops with a clear error.
 A forced rerun is tagged with whether it reproduced the run it replaced (`trlm.reproduced`).
 """
 
@@ -178,6 +180,8 @@ def _start_or_resume(tracker, recipe, work: Work, execute, done, parent_run_id, 
     from mlflow.entities import Param, RunTag
 
     stage, key, inputs = work.name, work.key, work.inputs
+    # Failures kept while the server was unreachable first: their runs become FAILED, so resumable.
+    tracker.flush_pending()
     # --force skips the FINISHED run, but still resumes an unfinished (killed) run of the same key.
     run = tracker.find_resumable(stage, key)
     client = tracker.client
@@ -223,11 +227,11 @@ def _start_or_resume(tracker, recipe, work: Work, execute, done, parent_run_id, 
                      "same output fingerprints" if reproduced else "output fingerprints differ")
         client.log_batch(run_id, tags=tags, synchronous=True)
         if tracker.local_artifact_dir(run) is None:
-            client.log_artifacts(run_id, str(out), OUTPUT)
+            tracker.upload_output(run_id, out)  # checked against fingerprint.json: never FINISHED when incomplete
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
-        client.set_tag(run_id, "trlm.error", mask_secrets("".join(traceback.format_exception_only(type(exc), exc)))[-5000:])
-        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        error = mask_secrets("".join(traceback.format_exception_only(type(exc), exc)))[-5000:]
+        tracker.mark_failed(run_id, error, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     log.info("%s: done (run %s)", stage, run_id)
     return StageOutcome(stage, key, run_id, tracker.artifact_uri(run), str(out), outputs, False, summary, reproduced)

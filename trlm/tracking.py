@@ -4,8 +4,12 @@ A stage is *done* when the experiment holds a FINISHED run tagged with its key: 
 flow runs, processes and machines that share the tracking store. Each executed stage is one MLflow
 child run under the pipeline's parent run. Its output directory IS the run's artifact directory
 `output/`: with a local artifact store the stage writes straight into it (no copy); with a remote
-store it writes to a staging directory and uploads. Downstream stages get `runs:/<id>/output` and
-resolve it through MLflow (a local path for local stores, a download otherwise).
+store (an MLflow server with `--serve-artifacts`, its destination a directory or S3) it writes to a
+staging directory in the work dir, uploads it and checks the upload (`trlm.artifact_store`).
+Downstream stages get `runs:/<id>/output` and resolve it through MLflow: a local path for local
+stores; otherwise this machine's copy (the staging directory of a run it executed, or a verified
+download into `<work_dir>/downloads/<run_id>/`), downloaded once. So machines need to share nothing
+but the tracking server's URL.
 
 Every run records its owner (`host pid start-time`), so a run left RUNNING by a process that died
 is found and marked KILLED by the next pipeline run on that machine.
@@ -14,6 +18,7 @@ is found and marked KILLED by the next pipeline run on that machine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,8 @@ TAG_UNRESUMABLE = "trlm.unresumable"  # a failed run whose directory must not be
 TAG_OWNER = "trlm.owner"  # "host pid start-time" of the process executing the run
 OUTPUT = "output"
 
+log = logging.getLogger(__name__)
+
 
 def setup_tracking(recipe: Recipe) -> "Tracker":
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -49,8 +56,11 @@ class Tracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
+        from trlm.artifact_store import PROXY_TRANSFER_DEFAULTS
         from trlm.artifacts import work_dir_lock
 
+        for name, value in PROXY_TRANSFER_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         work_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
         self.work_dir = work_dir
@@ -83,10 +93,11 @@ class Tracker:
         return runs[0] if runs else None
 
     def find_resumable(self, stage: str, key: str):
-        """An unfinished run of the same key (killed or failed): rerunning continues in its artifact dir."""
+        """An unfinished run of the same key (killed or failed): rerunning continues in its directory."""
         for run in self._search(f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_STAGE}` = '{stage}'"):
-            if run.info.status in ("RUNNING", "FAILED", "KILLED") and self.local_artifact_dir(run) is not None \
-                    and run.data.tags.get(TAG_UNRESUMABLE) != "true":
+            # a remote store's run resumes only where its staging directory is (the machine that ran it)
+            here = self.local_artifact_dir(run) is not None or self.staging_dir(run.info.run_id).parent.is_dir()
+            if run.info.status in ("RUNNING", "FAILED", "KILLED") and here and run.data.tags.get(TAG_UNRESUMABLE) != "true":
                 return run
         return None
 
@@ -103,20 +114,56 @@ class Tracker:
             return Path(unquote(parsed.path))
         return None
 
+    def staging_dir(self, run_id: str) -> Path:
+        """Where a run with a remote artifact store writes its output on this machine."""
+        return self.work_dir / "staging" / run_id / OUTPUT
+
     def output_dir_for_writing(self, run) -> Path:
         local = self.local_artifact_dir(run)
         if local is not None:
             return local / OUTPUT
-        return self.work_dir / "staging" / run.info.run_id / OUTPUT
+        return self.staging_dir(run.info.run_id)
+
+    def upload_output(self, run_id: str, out: Path) -> None:
+        """Upload a staged output to the remote store and check it is all there (else `UploadError`)."""
+        from trlm.artifact_store import upload_output
+
+        upload_output(self.client, run_id, out, OUTPUT)
+
+    def local_copy(self, run, path: str = OUTPUT) -> Path | None:
+        """This machine's complete copy of a remote run's artifact `path` (a top-level name), if any:
+        a verified download, or the staging directory of a FINISHED run executed here. Re-verified
+        each time (as a local store's artifact is): a damaged download is discarded."""
+        from trlm.artifact_store import download_problem
+        from trlm.artifacts import discard
+
+        run_id = run.info.run_id
+        candidates = [(self.work_dir / "downloads" / run_id / path, True)]
+        if path == OUTPUT and run.info.status == "FINISHED":
+            candidates.append((self.staging_dir(run_id), False))
+        for copy, ours in candidates:
+            if not copy.is_dir():
+                continue
+            problem = download_problem(copy, run_outputs(run)) if path == OUTPUT else None
+            if problem is None:
+                return copy
+            log.warning("local copy %s of run %s is not usable (%s)%s", copy, run_id, problem, ": removed" if ours else "")
+            if ours:
+                discard(copy)
+        return None
 
     def resolve(self, uri: str) -> Path:
         """A `runs:/<id>/<path>` or `models:/…` URI -> local directory.
 
         A run whose artifacts sit on a local file system is read in place (MLflow's own
         `download_artifacts` would copy a `runs:/` URI into a temporary directory: hundreds of MB
-        per checkpoint). Remote artifact stores are downloaded once into the work dir's cache.
+        per checkpoint). A remote run's artifact is this machine's copy (`local_copy`), or else is
+        downloaded once, atomically and verified, into `<work_dir>/downloads/<run_id>/`.
         """
         import mlflow
+
+        from trlm.artifact_store import download_verified
+        from trlm.artifacts import work_dir_lock
 
         if uri.startswith("runs:/"):
             run_id, _, path = uri.removeprefix("runs:/").partition("/")
@@ -127,15 +174,35 @@ class Tracker:
                 if not target.exists():
                     raise RuntimeError(f"artifact {uri} does not exist at {target}")
                 return target
-            cache = self.work_dir / "downloads" / run_id / path
-            if not cache.exists():
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(cache.parent), tracking_uri=self.tracking_uri)
-            return cache
+            top, _, rest = path.strip("/").partition("/")  # the unit fetched and verified: the whole `output`
+            # one process per machine fetches it; the others wait, then find it (never replaced under a reader)
+            with work_dir_lock(self.work_dir, f"download-{run_id}"):
+                copy = self.local_copy(run, top)
+                if copy is None:
+                    fingerprints = run_outputs(run) if top == OUTPUT else None
+                    copy = download_verified(self.tracking_uri, run_id, top, self.work_dir / "downloads" / run_id / top, fingerprints)
+            return copy / rest if rest else copy
         try:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.tracking_uri))
         except Exception as exc:  # noqa: BLE001 - re-raised with the URI named
             raise RuntimeError(f"cannot resolve artifact {uri}: {exc}") from exc
+
+    # failures
+    def mark_failed(self, run_id: str, error: str, status: str = "FAILED") -> None:
+        """Tag the reason and end the run; if the server cannot be reached, keep the failure in the
+        work dir: it is written to the run when the server answers again (`flush_pending`)."""
+        from trlm.artifact_store import record_pending_failure
+
+        try:
+            self.client.set_tag(run_id, "trlm.error", error)
+            self.client.set_terminated(run_id, status)
+        except Exception as exc:  # noqa: BLE001 - the server went away: record it later
+            record_pending_failure(self.work_dir, run_id, status, error, exc)
+
+    def flush_pending(self) -> list[str]:
+        from trlm.artifact_store import flush_pending_failures
+
+        return flush_pending_failures(self.client, self.work_dir)
 
     def artifact_uri(self, run) -> str:
         return f"runs:/{run.info.run_id}/{OUTPUT}"
@@ -212,7 +279,9 @@ def owner_alive(tag: str) -> bool | None:
 
 def close_abandoned_runs(tracker: Tracker) -> list[str]:
     """Mark KILLED every RUNNING run whose process on this machine has died (a killed `trlm run`),
-    so no run stays RUNNING forever. A killed stage run stays resumable. Returns the run ids."""
+    so no run stays RUNNING forever. A killed stage run stays resumable. Returns the run ids.
+    Failures kept while the server was unreachable are written first (with their own reasons)."""
+    tracker.flush_pending()
     closed = []
     for run in tracker._search("attributes.status = 'RUNNING'", 200):
         owner = run.data.tags.get(TAG_OWNER)
