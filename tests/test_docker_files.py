@@ -151,12 +151,17 @@ def test_compose_worker_creates_and_polls_the_pool(compose):
     assert cmd.index("work-pool create") < cmd.index("worker start"), "the pool is created before the worker starts"
 
 
+def _default(value: str) -> str:
+    """`${TRLM_BIND:-127.0.0.1}:4200:4200` -> `127.0.0.1:4200:4200`: what compose uses with nothing set."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
 def test_compose_ports_bound_to_loopback_only(compose):
     published = {}
     for name, service in compose["services"].items():
         for port in _ports(service):
-            assert port.startswith("127.0.0.1:"), f"{name} publishes {port!r} beyond the loopback interface"
-            published[name] = port
+            assert _default(port).startswith("127.0.0.1:"), f"{name} publishes {port!r} beyond the loopback interface by default"
+            published[name] = _default(port)
     assert published.get("prefect-server") == "127.0.0.1:4200:4200"
     assert published.get("mlflow") == "127.0.0.1:5000:5000"
     assert "worker" not in published
@@ -183,7 +188,7 @@ def test_compose_worker_env_points_at_the_services(compose):
     assert env.get("TRLM_SRC_DIR"), "prefect.yaml's pull step reads TRLM_SRC_DIR in the worker"
 
 
-def test_compose_volumes_declared_and_artifacts_shared_at_the_same_path(compose):
+def test_compose_volumes_declared_and_artifacts_served_by_mlflow(compose):
     declared = set(compose.get("volumes") or {})
     services = compose["services"]
     mounts: dict[str, dict[str, str]] = {}
@@ -199,15 +204,13 @@ def test_compose_volumes_declared_and_artifacts_shared_at_the_same_path(compose)
     assert env["TRLM_DATA_ROOT"] in worker_mounts
     data_mount = next(_split_volume(v) for v in services["worker"]["volumes"] if _split_volume(v)[1] == env["TRLM_DATA_ROOT"])
     assert data_mount[2] == "ro", "the shared data is mounted read-only"
-    # The MLflow artifact root must be the same volume at the same path in both containers, so
-    # the worker's artifact URIs are local paths (written in place, read by the MLflow UI).
+    # Artifacts are served by MLflow (--serve-artifacts): the worker mounts no artifact volume, so a
+    # worker on another machine works the same way (tests/test_shared_servers.py runs this over loopback).
     mlflow_cmd = _service_cmdline(services["mlflow"])
-    root = _option(mlflow_cmd, "--default-artifact-root") or ""
-    assert root.startswith("file:///"), root
-    root_path = root[len("file://"):]
-    assert "--no-serve-artifacts" in mlflow_cmd
-    assert root_path in mounts["mlflow"] and root_path in worker_mounts
-    assert mounts["mlflow"][root_path] == worker_mounts[root_path] and worker_mounts[root_path] in declared
+    assert "--serve-artifacts" in mlflow_cmd and "--no-serve-artifacts" not in mlflow_cmd
+    destination = _default(_option(mlflow_cmd, "--artifacts-destination") or "")
+    assert destination in mounts["mlflow"] and mounts["mlflow"][destination] in declared
+    assert destination not in worker_mounts
     # the SQLite file lives in a named volume
     backend_dir = str(Path(_option(mlflow_cmd, "--backend-store-uri")[len("sqlite:///"):]).parent)
     assert mounts["mlflow"].get(backend_dir) in declared
@@ -365,3 +368,16 @@ def test_prefect_yaml_validates_against_prefects_own_models(prefect_doc):
             models.RawScheduleConfig.model_validate(sched)
             if sched.get("cron"):
                 CronSchedule(cron=sched["cron"], timezone=sched.get("timezone"))  # valid cron and IANA zone
+
+
+def test_remote_worker_file_points_at_the_server_host_and_the_same_pool(compose):
+    remote = yaml.safe_load((COMPOSE.parent / "worker.compose.yaml").read_text())
+    worker = remote["services"]["worker"]
+    env = _env(worker)
+    assert env["PREFECT_API_URL"].startswith("http://${TRLM_SERVER_HOST") and env["PREFECT_API_URL"].endswith(":4200/api")
+    assert env["MLFLOW_TRACKING_URI"] == "http://${TRLM_SERVER_HOST}:5000"
+    cmd = _service_cmdline(worker)
+    assert _option(cmd, "--pool") == POOL and _option(cmd, "--limit") == "1"
+    assert not _ports(worker), "a worker publishes nothing"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert set(env) >= {"TRLM_HOME", "TRLM_DATA_ROOT", "TRLM_SRC_DIR"}
