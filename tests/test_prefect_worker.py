@@ -77,10 +77,13 @@ def service(tmp_path_factory, tiny_model_dir, shared_data):
             assert done.returncode == 0, done.stdout + done.stderr
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--limit", "1"], cwd=root, env=env,
                                   stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        os.environ["PREFECT_API_URL"] = api  # for the client calls of the tests (restored below)
-        yield {"api": api, "recipe": recipe, "logs": logs, "env": env}
+        # The tests' own client calls go to this server. A setting, not only the environment: an
+        # earlier test module's Prefect test harness leaves its settings loaded in this process.
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            yield {"api": api, "recipe": recipe, "logs": logs, "env": env}
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
         for proc in (worker, server):
             if proc is not None:
                 _stop(proc)
@@ -172,7 +175,7 @@ def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_it(service):
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
-    slow = {"only": "sft-general", "overrides": ["sft_general.train.max_steps=600", "sft_general.train.save_steps=5"]}
+    slow = {"only": "sft-general", "overrides": ["sft_general.train.max_steps=200", "sft_general.train.save_steps=5"]}
     flow_run = run_deployment("trlm-pipeline/trlm-manual", parameters=slow, timeout=0)
     artifacts = Path(yaml.safe_load(service["recipe"].read_text())["work_dir"]) / "mlartifacts"
     deadline = time.time() + 300
@@ -194,7 +197,7 @@ def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_it(service):
     interrupted = [r for r in _stage_runs(service["recipe"]) if r.data.tags.get("trlm.stage") == "sft-general" and r.info.status != "FINISHED"]
     assert len(interrupted) == 1, "the cancelled stage left one unfinished run with its checkpoints"
 
-    again = _run("trlm-manual", slow)
+    again = _run("trlm-manual", slow, timeout_s=900)
     assert again.state.is_completed(), again.state
     finished = [r for r in _stage_runs(service["recipe"]) if r.data.tags.get("trlm.stage") == "sft-general" and r.info.status == "FINISHED"]
     assert interrupted[0].info.run_id in {r.info.run_id for r in finished}, "the next run resumed the interrupted stage run"
