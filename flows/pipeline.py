@@ -14,7 +14,7 @@ recur (an invalid recipe, bad data, a non-finite loss, a busy stage) fails at on
 The work itself lives in `trlm.stages.*` and `trlm.eval.*`; nothing there imports Prefect.
 
     from trlm.flows.pipeline import pipeline
-    pipeline(recipe="offline-smoke", only="dpo")
+    pipeline(recipe="offline-smoke", from_stage=STAGE)   # `trlm stages` lists them
 """
 
 from __future__ import annotations

@@ -139,6 +139,35 @@ def test_the_worker_runs_the_manual_deployment_with_stage_parameters(service):
     assert (_count(last, "sft-think"), _count(last, "dpo"), _count(last, "eval")) == (1, 2, 2), "sft-think and dpo cached, eval reran"
 
 
+def test_two_runs_started_together_do_not_clobber_each_other(service):
+    """Both runs finish; the stage they share runs once (the other finds it cached) and is complete."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    params = {"only": "dpo", "overrides": ["dpo.beta=0.5"]}
+    before = _count(_stage_runs(service["recipe"]), "dpo")
+    started = [run_deployment("trlm-pipeline/trlm-manual", parameters=params, timeout=0) for _ in range(2)]
+
+    async def final_states():
+        async with get_client() as client:
+            for _ in range(600):
+                states = [(await client.read_flow_run(r.id)).state for r in started]
+                if all(s.is_final() for s in states):
+                    return states
+                await asyncio.sleep(1)
+            return states
+
+    assert all(s.is_completed() for s in asyncio.run(final_states()))
+    dpo = [r for r in _stage_runs(service["recipe"]) if r.data.tags.get("trlm.stage") == "dpo"]
+    assert len(dpo) == before + 1 and all(r.info.status == "FINISHED" for r in dpo)
+    from trlm.artifacts import verify_fingerprint
+    from trlm.tracking import Tracker
+
+    assert verify_fingerprint(Path(Tracker.local_artifact_dir(max(dpo, key=lambda r: r.info.start_time))) / "output")
+
+
 def test_schedules_are_created_and_one_fires_on_the_worker(service):
     import asyncio
 

@@ -260,8 +260,8 @@ def substep_runner(tracker: Tracker, recipe: Recipe, stage: Stage, parent_run_id
 def reproduces(previous, outputs: dict[str, str]) -> bool | None:
     """Does a forced rerun give the same outputs as the FINISHED run of the same key?
 
-    Compared: what downstream stages consume (the model of a training stage, the per-stage data of
-    data-prep). None where the output is only a whole-directory hash with timings in it (eval).
+    Compared: what downstream stages consume (a stage's `model/`, or its named parts). None where
+    the output is only a whole-directory hash, which may hold timings.
     """
     compared = {k: v for k, v in outputs.items() if k != "all"}
     if not compared:
