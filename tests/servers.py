@@ -159,3 +159,18 @@ def mlflow_on_s3(root: Path, moto: Server, bucket: str = "trlm-artifacts", prefi
     create_bucket(moto.url, bucket)
     env = {"MLFLOW_S3_ENDPOINT_URL": moto.url, **S3_CREDENTIALS}
     return mlflow_server(root, f"s3://{bucket}/{prefix}", env)
+
+
+def count_downloads(monkeypatch) -> list[str]:
+    """Record every artifact download MLflow is asked for (the call `Tracker.resolve` downloads with)."""
+    import mlflow
+
+    real, calls = mlflow.artifacts.download_artifacts, []
+
+    def counting(*args, **kwargs):
+        if kwargs.get("artifact_uri"):  # not the upload check's read-back of fingerprint.json (by run_id and path)
+            calls.append(kwargs["artifact_uri"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting)
+    return calls

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
-from servers import mlflow_server
+from servers import count_downloads, mlflow_server
 from trlm.artifact_store import UploadError, listed_sizes
 from trlm.artifacts import hash_directory, write_fingerprint
 from trlm.lineage import code_version
@@ -150,20 +150,6 @@ def finished(server, tmp_path, request):
     return outcome, _tracker(server, tmp_path / "b", "downloads")
 
 
-def _count_downloads(monkeypatch) -> list[str]:
-    import mlflow
-
-    real, calls = mlflow.artifacts.download_artifacts, []
-
-    def counting(*args, **kwargs):
-        if kwargs.get("artifact_uri"):  # not the upload check's read-back of fingerprint.json (by run_id and path)
-            calls.append(kwargs["artifact_uri"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting)
-    return calls
-
-
 KILLED_DOWNLOAD = """
 import os, signal, sys
 from pathlib import Path
@@ -190,7 +176,7 @@ def test_a_killed_download_is_not_a_cached_copy(finished, monkeypatch):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run_dir = reader.work_dir / "downloads" / outcome.run_id
     assert not (run_dir / OUTPUT).exists() and any(p.name.startswith(".tmp-output-") for p in run_dir.iterdir())
-    calls = _count_downloads(monkeypatch)
+    calls = count_downloads(monkeypatch)
     path = reader.resolve(outcome.artifact_uri)
     assert path == run_dir / OUTPUT and len(calls) == 1
     assert hash_directory(path) == hash_directory(outcome.path)
@@ -211,7 +197,7 @@ def test_a_corrupted_or_damaged_copy_is_never_used(finished, monkeypatch):
         with pytest.raises(RuntimeError, match="is not usable: its files do not match"):
             reader.resolve(outcome.artifact_uri)
     assert not (reader.work_dir / "downloads" / outcome.run_id / OUTPUT).exists()
-    calls = _count_downloads(monkeypatch)
+    calls = count_downloads(monkeypatch)
     path = reader.resolve(outcome.artifact_uri)
     (path / "results.json").write_text("edited")  # the cached copy is damaged later
     again = reader.resolve(outcome.artifact_uri)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from servers import mlflow_on_s3, mlflow_server, moto_s3_server, s3_objects
+from servers import count_downloads, mlflow_on_s3, mlflow_server, moto_s3_server, s3_objects
 from test_pipeline import write_tiny_recipe
 from trlm.cli import app
 from trlm.stages.registry import stage_names
@@ -87,17 +87,7 @@ def _states(status: list[dict]) -> list[str]:
 @pytest.fixture()
 def downloads(monkeypatch) -> list[str]:
     """Every artifact download MLflow is asked for (the one call `Tracker.resolve` downloads with)."""
-    import mlflow
-
-    real, calls = mlflow.artifacts.download_artifacts, []
-
-    def counting(*args, **kwargs):
-        if kwargs.get("artifact_uri"):  # not the upload check's read-back of fingerprint.json (by run_id and path)
-            calls.append(kwargs["artifact_uri"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting)
-    return calls
+    return count_downloads(monkeypatch)
 
 
 def _tracker(recipe: Path):
