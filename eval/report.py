@@ -530,6 +530,30 @@ def render_markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     return "\n".join(out)
 
 
+def render_compact(report: dict[str, Any], png_name: str | None = None) -> str:
+    """The report for a UI pane about 700 px wide (Prefect's artifact view at a 1,280 px window):
+    scores only, our columns first, short labels; standard errors, settings and notes stay in
+    `report.md`. A `≈` marks a score within 2 standard errors of the chance or majority baseline."""
+    cols = report["columns"]
+    short_pub = {p: p.split("-")[0] + " pub." for p in PUBLISHED_COLUMNS}
+    header = ["Benchmark", *cols, "chance", *short_pub.values()]
+    body = []
+    for r in report["rows"]:
+        row, cells, base = r["row"], r["cells"], r["baseline"] or {}
+        if all(cells[n].get("value") is None for n in cols):
+            continue  # not evaluated by any of our columns: the full report lists it
+        ours = [_pct(cells[n]["value"], 1) + (" ≈" if cells[n].get("flag") else "") if cells[n].get("value") is not None else DASH for n in cols]
+        published = [_pct(cells[p]["value"], 1) if cells[p].get("value") is not None else DASH for p in PUBLISHED_COLUMNS]
+        body.append([f"{row.benchmark} {row.metric.split(',')[-1]}", *ours, _pct(base.get("chance"), 0), *published])
+    smoke = any(d and (d.get("settings") or {}).get("profile") == "smoke" for d in cols.values())
+    out = ["### Evaluation" + (" (smoke subsets: a pipeline check, not benchmark estimates)" if smoke else ""), "",
+           _md_table(header, body), "", "Scores in %. ≈: within 2 standard errors of chance or of the majority class. "
+           "Standard errors, settings and notes: `report.md`.", ""]
+    if png_name:
+        out += [f"![scores]({png_name})", ""]
+    return "\n".join(out)
+
+
 # Rows drawn in the chart (each panel is one exact metric; published figures appear on the row they were placed on).
 CHART_ROWS = (
     ("arc_challenge", "acc_norm"),
@@ -600,13 +624,15 @@ def render_chart(report: dict[str, Any], path: Path) -> Path:
 
 
 def write_report(columns: dict[str, dict | None], out_dir: Path) -> tuple[Path, Path]:
-    """Write `report.md` and `report.png` into `out_dir`; return both paths."""
+    """Write `report.md`, its compact form `report-ui.md` (for the UIs) and `report.png` into
+    `out_dir`; return the report's and the chart's paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(columns)
     png = render_chart(report, out_dir / "report.png")
     md = out_dir / "report.md"
     md.write_text(render_markdown(report, png.name), encoding="utf-8")
+    (out_dir / "report-ui.md").write_text(render_compact(report, png.name), encoding="utf-8")
     return md, png
 
 

@@ -31,10 +31,10 @@ from trlm.artifacts import mask_secrets, remove_leftovers
 from trlm.flows.launch import launch_command, launch_env, launch_plan, run_stage_process
 from trlm.flows.publish import publish
 from trlm.lineage import base_fingerprint, code_version, compute_key, short_hash, stage_config, stage_inputs
-from trlm.tracking import TAG_KIND, TAG_OWNER, TAG_RECIPE, Tracker, close_abandoned_runs, owner_tag, register_model, setup_tracking
+from trlm.tracking import TAG_KIND, TAG_OWNER, TAG_RECIPE, Tracker, close_abandoned_runs, owner_tag, promote, register_model, setup_tracking
 from trlm.stage_runs import Work, run_stage, substep_runner
 from trlm.recipe import Recipe
-from trlm.stage import BASE, Stage, StageContext, split_ref
+from trlm.stage import BASE, Stage, StageContext, final_model, split_ref
 from trlm.stages.registry import get_stage, load_recipe, stage_names
 
 DEFAULT_PIPELINE = "trlm.stages.registry:PIPELINE"
@@ -98,7 +98,8 @@ def stage_task(name: str, ref: dict, base: dict, upstream: dict[str, dict], pare
     recipe, tracker, pipeline_ = _open(ref)
     stage = get_stage(name, pipeline_)
     inputs = stage_inputs(recipe, stage, {k: v["outputs"] for k, v in upstream.items()}, base["fingerprint"])
-    work = Work(stage.name, compute_key(recipe, stage, inputs), inputs, stage_config(recipe, stage), code_version(stage), stage.hands_on)
+    work = Work(stage.name, compute_key(recipe, stage, inputs), inputs, stage_config(recipe, stage), code_version(stage), stage.hands_on,
+                _input_sources(recipe, stage, base, upstream))
     paths = _input_paths(recipe, stage, tracker, base, upstream)
     declared = {k: v for k, v in inputs.items() if k in paths}
 
@@ -113,10 +114,38 @@ def stage_task(name: str, ref: dict, base: dict, upstream: dict[str, dict], pare
 
     outcome = run_stage(tracker, recipe, work, execute, parent_run_id=parent_run_id, force=force, extra_tags=_prefect_tags())
     publish(tracker, stage, outcome, recipe.name, recipe.work_path)
-    if stage.register_alias and not outcome.cached:
-        version = register_model(tracker, recipe.name, outcome.run_id, alias=stage.register_alias)
-        get_run_logger().info("registered %s version %s as %s@%s", recipe.name, version, recipe.name, stage.register_alias)
-    return outcome.__dict__
+    result = dict(outcome.__dict__)
+    if (note := _model_registry(recipe, tracker, stage, pipeline_, outcome, upstream)) is not None:
+        get_run_logger().info("%s", note)
+        result["registry"] = note
+    return result
+
+
+def _input_sources(recipe: Recipe, stage: Stage, base: dict, upstream: dict[str, dict]) -> dict[str, str]:
+    """Where each input comes from, for MLflow's dataset inputs: an upstream run's artifact, or the base model."""
+    sources = {}
+    for name, ref in stage.inputs(recipe).items():
+        source, part = split_ref(ref)
+        if source == BASE:
+            sources[name] = f"base model {recipe.base_model.source}"
+        elif source in upstream:
+            sources[name] = f"runs:/{upstream[source]['run_id']}/output" + ("" if part == "all" else f"/{part}")
+    return sources
+
+
+def _model_registry(recipe: Recipe, tracker: Tracker, stage: Stage, pipeline_: tuple[Stage, ...], outcome, upstream: dict[str, dict]) -> str | None:
+    """The final model is registered when it is trained, and gets its alias (`@candidate`) only from
+    a stage that approves it (the eval stage, once its evaluation finished)."""
+    final = final_model(pipeline_)
+    if stage.name == final and not outcome.cached:
+        version = register_model(tracker, recipe.name, outcome.run_id)
+        return (f"registered {recipe.name} version {version} from {stage.name}; not evaluated yet, so no alias: "
+                f"the evaluation stage moves @candidate to it when it has evaluated it")
+    consumed = {split_ref(ref)[0] for ref in stage.inputs(recipe).values()}
+    if stage.approves and final in consumed and final in upstream:
+        version, moved = promote(tracker, recipe.name, upstream[final]["run_id"], stage.approves)
+        return f"{recipe.name}@{stage.approves} is version {version} ({'moved there: evaluated by' if moved else 'unchanged, evaluated by'} {stage.name})"
+    return None
 
 
 def selected_stages(names: list[str], only: str | None, from_stage: str | None) -> list[str]:
@@ -187,4 +216,4 @@ def pipeline(
         tracker.client.set_tag(parent_id, "trlm.error", mask_secrets(str(exc))[-5000:])
         tracker.client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    return {s: {k: v for k, v in o.items() if k in ("run_id", "artifact_uri", "cached", "key", "path", "reproduced")} for s, o in upstream.items()}
+    return {s: {k: v for k, v in o.items() if k in ("run_id", "artifact_uri", "cached", "key", "path", "reproduced", "registry")} for s, o in upstream.items()}

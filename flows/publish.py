@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from trlm.tracking import Tracker
+from trlm.tracking import OUTPUT, Tracker
 from trlm.stage_runs import StageOutcome
 from trlm.servers import mlflow_ui_base
 from trlm.stage import Stage
@@ -28,11 +28,16 @@ class Links:
         self.experiment = tracker.experiment_id
 
     def run(self, run_id: str) -> str | None:
-        return f"{self.base}/#/experiments/{self.experiment}/runs/{run_id}" if self.base else None
+        # `workflowType`: MLflow 3 shows a run under its GenAI "Evaluation runs" view without it
+        return f"{self.base}/#/experiments/{self.experiment}/runs/{run_id}?workflowType=machine_learning" if self.base else None
 
     def runs(self) -> str | None:
         # MLflow 3 opens an experiment on its GenAI (traces) view; this selects the training runs.
         return f"{self.base}/#/experiments/{self.experiment}/runs?workflowType=machine_learning" if self.base else None
+
+    def artifact_view(self, run_id: str, path: str) -> str | None:
+        """A run's artifact shown in MLflow's artifact browser (an image inline, not downloaded)."""
+        return f"{self.base}/#/experiments/{self.experiment}/runs/{run_id}/artifacts/{path}" if self.base else None
 
     def file(self, run_id: str, path: str) -> str | None:
         """A run's artifact file itself (an image shows inline in a markdown artifact)."""
@@ -86,7 +91,7 @@ def publish(tracker: Tracker, stage: Stage, outcome: StageOutcome, recipe_name: 
     if out is not None and not outcome.cached:
         png = plot_curves(history(out), work_dir / "plots" / outcome.run_id / f"{stage.name}-curves.png", f"{recipe_name}: {stage.name}")
         if png is not None:
-            tracker.client.log_artifact(outcome.run_id, str(png), "plots")
+            tracker.log_file(outcome.run_id, png, "plots")
     key = stage.name.replace("_", "-")
     links = Links(tracker)
     link = links.run(outcome.run_id)
@@ -108,8 +113,11 @@ def publish(tracker: Tracker, stage: Stage, outcome: StageOutcome, recipe_name: 
     create_table_artifact(key=f"{key}-metrics", table=[{"metric": k, "value": float(v)} for k, v in numbers.items()] or [{"metric": "-", "value": 0.0}])
     if link:
         create_link_artifact(key=f"{key}-mlflow", link=link, link_text=f"MLflow run of {stage.name}")
-    if out is not None and (out / "report.md").is_file():
-        create_markdown_artifact(key=f"{key}-report", markdown=embed_images(out / "report.md", links, outcome.run_id), description=f"{stage.name} report")
+    report = next((out / name for name in ("report-ui.md", "report.md") if out is not None and (out / name).is_file()), None)
+    if report is not None:  # the compact form where the stage writes one: it fits the artifact pane
+        full = links.artifact_view(outcome.run_id, f"{OUTPUT}/report.md")
+        markdown = embed_images(report, links, outcome.run_id) + (f"\n\n[The full report in MLflow]({full})" if full else "")
+        create_markdown_artifact(key=f"{key}-report", markdown=markdown, description=f"{stage.name} report")
 
 
 def embed_images(report: Path, links: Links, run_id: str) -> str:
@@ -118,7 +126,9 @@ def embed_images(report: Path, links: Links, run_id: str) -> str:
     import re
 
     def absolute(match: re.Match) -> str:
-        url = links.file(run_id, f"output/{match.group(2)}")
-        return f"![{match.group(1)}]({url})" if url else f"({match.group(2)}: in the MLflow run's artifacts)"
+        url = links.file(run_id, f"{OUTPUT}/{match.group(2)}")
+        view = links.artifact_view(run_id, f"{OUTPUT}/{match.group(2)}")
+        # (Prefect's markdown shows no image inside a link: the image, then a link that opens it in MLflow)
+        return f"![{match.group(1)}]({url})\n\n[{match.group(2)} in MLflow]({view})" if url else f"({match.group(2)}: in the MLflow run's artifacts)"
 
     return re.sub(r"!\[([^\]]*)\]\((?!https?:)([^)]+)\)", absolute, report.read_text())

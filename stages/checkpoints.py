@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from trlm.artifacts import atomic_directory, discard, hash_json, read_fingerprint, remove_stale_temporaries, write_fingerprint
+from trlm.artifacts import atomic_directory, discard, hash_json, read_fingerprint, remove_stale_temporaries, save_tokenizer, write_fingerprint
 from trlm.recipe import output_config
 from trlm.stages.batching import StepPlan
 from trlm.stages.distributed import full_state_dict, is_sharded, load_sharded, save_sharded
@@ -152,7 +152,7 @@ def export_model(accelerator, model, tokenizer, out_dir: Path) -> Path:
         unwrapped.config.use_cache = True  # turned off for gradient checkpointing; generation wants it
         with atomic_directory(final) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
     accelerator.wait_for_everyone()
     return final
 

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from trlm.artifacts import atomic_directory, hash_directory, write_fingerprint
+from trlm.artifacts import atomic_directory, hash_directory, save_tokenizer, write_fingerprint
 from trlm.data_spec import RowError, load_data_spec, resolve_rows
 from trlm.recipe import DataPrepConfig, MixtureConfig, Recipe, mixtures
 from trlm.stage import BASE, MODEL, Stage, StageContext
@@ -230,7 +230,7 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
         types["prompt_length"] = pa.int32()
     table = pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
     pq.write_table(table, out / "train.parquet")
-    tokenizer.save_pretrained(out / "tokenizer")
+    save_tokenizer(tokenizer, out / "tokenizer")
     (out / "stats.json").write_text(json.dumps(summary, indent=2))
     inputs = {
         "spec": spec.model_dump(mode="json"),

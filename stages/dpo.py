@@ -344,7 +344,6 @@ STAGE = Stage(
     launch_inputs=("model", "data"),
     launch=train_launch,
     libraries=("torch", "transformers", "tokenizers", "accelerate", "einops"),
-    register_alias="candidate",  # the pipeline's final model: `<recipe>@candidate` in the registry
     description="preference optimisation on chosen/rejected pairs",
 )
 

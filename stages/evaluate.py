@@ -116,6 +116,7 @@ STAGE = Stage(
     check=check,
     headline=headline,
     report=report,
+    approves="candidate",  # the final model, once evaluated here: `<recipe>@candidate` in the registry
     libraries=("lm_eval", "transformers", "tokenizers", "torch", "datasets"),
     description="every model on the benchmarks, and the reproduction report",
 )

@@ -99,3 +99,17 @@ def prefect_env(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _work_dir_server_settings_do_not_leak():
+    """`trlm` commands invoked in-process point this process at their work dir's servers through
+    the environment (as they must, before Prefect is imported): undo that after each test."""
+    keys = ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "MLFLOW_TRACKING_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -179,6 +179,25 @@ def test_changing_dpo_beta_reruns_only_dpo_and_eval(first_run, tiny_recipe):
     assert again["sft-think"]["run_id"] == first_run["sft-think"]["run_id"]
 
 
+def test_candidate_moves_only_once_the_model_is_evaluated(first_run, tiny_recipe):
+    """A training-only run registers the new final model without the alias; the eval stage moves it."""
+    from typer.testing import CliRunner
+
+    from trlm.cli import app
+
+    tracker, _, _ = _stage_runs(tiny_recipe)
+    evaluated = tracker.client.get_model_version_by_alias("tiny", "candidate").version
+    trained = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--only", "dpo", "--set", "dpo.beta=0.3"])
+    assert trained.exit_code == 0, trained.output
+    new = max(int(v.version) for v in tracker.client.search_model_versions("name = 'tiny'"))
+    assert f"registered tiny version {new} from dpo; not evaluated yet, so no alias" in trained.output
+    assert tracker.client.get_model_version_by_alias("tiny", "candidate").version == evaluated
+    judged = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--only", "eval", "--set", "dpo.beta=0.3"])
+    assert judged.exit_code == 0, judged.output
+    assert f"tiny@candidate is version {new} (moved there: evaluated by eval)" in judged.output
+    assert int(tracker.client.get_model_version_by_alias("tiny", "candidate").version) == new
+
+
 def test_forced_rerun_reproduces_and_keeps_downstream_cached(first_run, tiny_recipe):
     """`--force sft-think` retrains it; on CPU in fp32 the weights come out bit for bit the same, so
     the run is tagged reproduced and dpo/eval (keyed by the model's fingerprint) stay cached."""
@@ -191,7 +210,7 @@ def test_forced_rerun_reproduces_and_keeps_downstream_cached(first_run, tiny_rec
     result = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--force", "sft-think"])
     assert result.exit_code == 0, result.output
     assert "forced sft-think: reproduces the previous run" in result.output
-    _, _, after = _stage_runs(tiny_recipe)
+    tracker, _, after = _stage_runs(tiny_recipe)
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
     assert [r.data.tags["trlm.stage"] for r in new] == ["sft-think"], "only the forced stage ran"
     rerun = new[0]
@@ -200,7 +219,7 @@ def test_forced_rerun_reproduces_and_keeps_downstream_cached(first_run, tiny_rec
     previous = next(r for r in before if r.info.run_id == first_run["sft-think"]["run_id"])
     assert rerun.data.tags["trlm.output_fingerprint.model"] == previous.data.tags["trlm.output_fingerprint.model"]
     # the fingerprint handed on is the model directory's, while the stage directories differ (timings)
-    assert json.loads((Path(rerun.info.artifact_uri.removeprefix("file://")) / "output" / "fingerprint.json").read_text())["fingerprint"] != \
+    assert json.loads((tracker.local_artifact_dir(rerun) / "output" / "fingerprint.json").read_text())["fingerprint"] != \
         json.loads((Path(first_run["sft-think"]["path"]) / "fingerprint.json").read_text())["fingerprint"]
     assert not (Path(first_run["sft-think"]["path"]) / "checkpoints").exists(), "finished stages drop their checkpoints"
 

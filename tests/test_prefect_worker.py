@@ -163,9 +163,11 @@ def test_two_runs_started_together_do_not_clobber_each_other(service):
     dpo = [r for r in _stage_runs(service["recipe"]) if r.data.tags.get("trlm.stage") == "dpo"]
     assert len(dpo) == before + 1 and all(r.info.status == "FINISHED" for r in dpo)
     from trlm.artifacts import verify_fingerprint
-    from trlm.tracking import Tracker
+    from trlm.stages.registry import load_recipe
+    from trlm.tracking import setup_tracking
 
-    assert verify_fingerprint(Path(Tracker.local_artifact_dir(max(dpo, key=lambda r: r.info.start_time))) / "output")
+    tracker = setup_tracking(load_recipe(str(service["recipe"]), check_files=False))
+    assert verify_fingerprint(tracker.local_artifact_dir(max(dpo, key=lambda r: r.info.start_time)) / "output")
 
 
 def test_schedules_are_created_and_one_fires_on_the_worker(service):

@@ -14,7 +14,8 @@ def _tracker(uri: str, work_dir) -> SimpleNamespace:
 def test_links_follow_the_tracking_server_without_its_credentials(tmp_path, monkeypatch):
     monkeypatch.delenv("TRLM_MLFLOW_UI", raising=False)
     links = Links(_tracker("https://alice:tok3n@mlflow.example.org:8443/prefix/", tmp_path))
-    assert links.run("abc") == "https://mlflow.example.org:8443/prefix/#/experiments/7/runs/abc"
+    # a training run opens in MLflow's training views, not as a GenAI "Evaluation run"
+    assert links.run("abc") == "https://mlflow.example.org:8443/prefix/#/experiments/7/runs/abc?workflowType=machine_learning"
     assert links.runs() == "https://mlflow.example.org:8443/prefix/#/experiments/7/runs?workflowType=machine_learning"
     assert links.file("abc", "plots/sft-curves.png") == "https://mlflow.example.org:8443/prefix/get-artifact?path=plots%2Fsft-curves.png&run_uuid=abc"
 
@@ -30,3 +31,5 @@ def test_a_local_store_without_a_running_ui_gets_no_dead_links(tmp_path, monkeyp
     monkeypatch.setenv("TRLM_MLFLOW_UI", "http://127.0.0.1:5123/")
     text = embed_images(report, Links(_tracker(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)), "abc")
     assert "![scores](http://127.0.0.1:5123/get-artifact?path=output%2Freport.png&run_uuid=abc)" in text
+    # and a link that shows it in MLflow's artifact view (the file link itself downloads it)
+    assert "[report.png in MLflow](http://127.0.0.1:5123/#/experiments/7/runs/abc/artifacts/output/report.png)" in text

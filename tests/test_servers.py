@@ -127,37 +127,3 @@ def test_eval_refuses_limit_and_sample_together(monkeypatch, tmp_path):
     monkeypatch.setattr("trlm.cli.quiet_environment", lambda r: None)
     result = CliRunner().invoke(app, ["eval", "--model", "m", "--limit", "3", "--sample", "3"])
     assert result.exit_code == 2 and "not both" in result.output
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_up_on_other_ports_serves_a_ui_that_calls_its_own_api(tmp_path, monkeypatch, shared_data):
-    """Prefect 3.8 tells the browser its API address from settings, not from `--port`: the UI of a
-    server on another port must call that port, and `trlm run` must find it (never a guess at 4200)."""
-    import os
-    import sys
-    import urllib.request
-
-    from trlm.servers import live_port, mlflow_ui_base
-
-    prefect_port, mlflow_port = _free_port(), _free_port()
-    env = {**os.environ, "TRLM_HOME": str(tmp_path), "TRLM_DATA_ROOT": str(shared_data)}
-    env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "trlm.cli"]
-    try:
-        up = subprocess.run([*cmd, "up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
-                            env=env, capture_output=True, text=True, timeout=150)
-        assert up.returncode == 0, up.stderr
-        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/ui-settings", timeout=10) as response:
-            assert json.loads(response.read())["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
-        assert live_port(tmp_path, "prefect") == prefect_port
-        assert mlflow_ui_base(f"sqlite:///{tmp_path}/mlflow.db", tmp_path) == f"http://127.0.0.1:{mlflow_port}"
-        assert "runs?workflowType=machine_learning" in up.stdout or "runs:" not in up.stdout
-    finally:
-        down = subprocess.run([*cmd, "down"], env=env, capture_output=True, text=True, timeout=60)
-    assert "stopped prefect" in down.stdout and "stopped mlflow" in down.stdout
-    assert live_port(tmp_path, "prefect") is None

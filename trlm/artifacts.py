@@ -414,3 +414,19 @@ def mask_secrets(text: str) -> str:
         return mask_uri(uri) + m.group(0)[len(uri):]
 
     return re.sub(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()]+", one, text) if text else text
+
+
+# How a tokenizer was loaded (offline switches, cache paths, the local flag) is not what it is:
+# transformers writes these load-time kwargs into tokenizer_config.json, so an artifact's bytes, and
+# every key downstream, would change with HF_HUB_OFFLINE or the machine.
+LOAD_TIME_TOKENIZER_KWARGS = ("local_files_only", "is_local", "cache_dir", "token", "use_auth_token", "force_download",
+                              "proxies", "revision", "subfolder", "_commit_hash", "trust_remote_code")
+
+
+def save_tokenizer(tokenizer, path: Path) -> None:
+    """`tokenizer.save_pretrained(path)` without the load-time settings (see above)."""
+    saved = {k: tokenizer.init_kwargs.pop(k) for k in LOAD_TIME_TOKENIZER_KWARGS if k in tokenizer.init_kwargs}
+    try:
+        tokenizer.save_pretrained(path)
+    finally:
+        tokenizer.init_kwargs.update(saved)

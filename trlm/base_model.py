@@ -16,7 +16,7 @@ import logging
 from importlib import metadata
 from pathlib import Path
 
-from trlm.artifacts import atomic_directory, hash_file, hash_json, read_fingerprint, remove_leftovers, work_dir_lock, write_fingerprint
+from trlm.artifacts import atomic_directory, hash_file, hash_json, read_fingerprint, remove_leftovers, save_tokenizer, work_dir_lock, write_fingerprint
 from trlm.recipe import BaseModelConfig, RecipeError
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _build(cfg: BaseModelConfig, out: Path) -> Path:
     with atomic_directory(out) as tmp:
         model, tokenizer = _load(kind, where, cfg)
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         check = sanity_check(model, tokenizer)
         log.info("base model check: %r -> %r", check["prompt"], check["answer"])
         (tmp / "sanity_check.json").write_text(json.dumps(check, indent=2))

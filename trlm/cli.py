@@ -42,10 +42,14 @@ def _load(recipe: str | None, overrides: list[str] | None, tracking_uri: str | N
     from trlm.stages.registry import load_recipe  # imports every stage module (torch): not for --help
 
     try:
-        return load_recipe(recipe, overrides), overrides
+        r = load_recipe(recipe, overrides)
     except RecipeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    from trlm.servers import use_work_dir_servers
+
+    use_work_dir_servers(r.work_path)  # before anything imports Prefect: it reads its settings once
+    return r, overrides
 
 
 def _fail(message: str) -> None:
@@ -60,20 +64,6 @@ def _print_plan(plans, title: str, done_as: str = "done") -> None:
     for p in plans:
         state = done_as if p.state == "done" else p.state
         typer.echo(f"  {p.stage:<12} {state:<8} {(p.key or '-')[:12]:<14} {p.artifact_path or p.note or '-'}")
-
-
-def _use_our_prefect_server(r) -> bool:
-    """Point Prefect at the server `trlm up` started for this work dir, if it still runs (PREFECT_API_URL
-    set by the user wins). Never a guess at port 4200: a server there may be someone else's."""
-    from trlm.servers import live_port
-
-    if "PREFECT_API_URL" in os.environ:
-        return True
-    port = live_port(r.work_path, "prefect")
-    if port is None:
-        return False
-    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    return True
 
 
 def _answers(url: str, timeout_s: float = 2.0) -> bool:
@@ -136,11 +126,13 @@ def run(
                     done_as="cached")
         _where_to_look(r)
         return
-    _use_our_prefect_server(r)
-    from trlm.artifacts import mask_secrets
+    from trlm.artifacts import mask_secrets, mask_uri
     from trlm.flows.pipeline import pipeline
+    from trlm.servers import prefect_target
 
     log_file = route_tracebacks(r.work_path, verbose)
+    typer.echo(f"Prefect: this run reports to {prefect_target()}")
+    typer.echo(f"MLflow:  tracking at {mask_uri(r.resolved_tracking_uri)}")
     recipe_ref = recipe or DEFAULT_RECIPE
     try:
         outcomes = pipeline(recipe=recipe_ref, overrides=overrides, only=only, from_stage=from_stage, force=list(force or []))
@@ -152,6 +144,9 @@ def run(
         if outcome.get("reproduced") is not None:  # forced reruns of a finished stage
             verdict = "reproduces the previous run: same output fingerprints" if outcome["reproduced"] else "does NOT reproduce the previous run: output fingerprints differ"
             typer.echo(f"  forced {stage}: {verdict} (MLflow tag trlm.reproduced on run {outcome['run_id']})")
+    for outcome in outcomes.values():
+        if outcome.get("registry"):
+            typer.echo(f"  model registry: {outcome['registry']}")
     _print_report(r, tracker)
     _where_to_look(r)
 
@@ -174,7 +169,8 @@ def _where_to_look(r) -> None:
 
     typer.echo("\nWhere to look:")
     base = mlflow_ui_base(r.resolved_tracking_uri, r.work_path)
-    typer.echo(f"  MLflow UI:  {base}" if base else f"  MLflow UI:  trlm up   (or: mlflow ui --backend-store-uri {mask_uri(r.resolved_tracking_uri)} --host 127.0.0.1)")
+    typer.echo(f"  MLflow UI:  {base}" if base else f"  MLflow UI:  trlm up   (or: mlflow ui --backend-store-uri {mask_uri(r.resolved_tracking_uri)} "
+                                                  f"--artifacts-destination {r.work_path / 'mlartifacts'} --host 127.0.0.1)")
     api = os.environ.get("PREFECT_API_URL")
     port = live_port(r.work_path, "prefect")
     typer.echo(f"  Prefect UI: {api.removesuffix('/api')}" if api else f"  Prefect UI: http://127.0.0.1:{port}" if port else "  Prefect UI: trlm up")
@@ -271,18 +267,23 @@ def report(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
 @app.command()
 def up(recipe: RecipeOpt = None,
        prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
-       mlflow_port: Annotated[int, typer.Option(help="MLflow server port")] = 5000) -> None:
-    """Start a local Prefect server and a local MLflow server (both on 127.0.0.1) in the background.
+       mlflow_port: Annotated[int, typer.Option(help="MLflow server port")] = 5000,
+       timeout: Annotated[int, typer.Option(help="seconds to wait for both servers to answer")] = 180) -> None:
+    """Start this work dir's Prefect and MLflow servers (both on 127.0.0.1) in the background.
 
-    Neither server has authentication: they are bound to 127.0.0.1 for that reason.
+    Both keep their state in the work dir: Prefect's home and database in `prefect/`, MLflow's runs
+    in the work dir's store and its artifacts in `mlartifacts/`, served to clients over HTTP
+    (`mlflow-artifacts:/`), so a worker with another work dir fetches through the server. Neither
+    server has authentication: they are bound to 127.0.0.1 for that reason.
     """
     import subprocess
 
     from trlm.artifacts import mask_uri
-    from trlm.servers import record_server, recorded_process
+    from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, record_server, recorded_process
 
     r, _ = _load(recipe, None)
-    logs = r.work_path / "servers"
+    work = r.work_path
+    logs = work / "servers"
     logs.mkdir(parents=True, exist_ok=True)
     ports = {"prefect": prefect_port, "mlflow": mlflow_port}
     for name in ports:  # never overwrite the pid file of a server that is still running
@@ -290,61 +291,88 @@ def up(recipe: RecipeOpt = None,
         if proc is not None:
             _fail(f"the {name} server started by an earlier `trlm up` is still running (pid {proc.pid}; see {logs / f'{name}.pid'}); "
                   "stop it with `trlm down` first")
+    store = r.resolved_tracking_uri
+    if not store.startswith("sqlite"):
+        _fail(f"the tracking store is a server already ({mask_uri(store)}, from MLFLOW_TRACKING_URI or the recipe): "
+              "`trlm up` serves the work dir's own SQLite store; use that server's UI, or unset the setting")
     busy = [f"{name} port {port}" for name, port in ports.items() if _port_in_use(port)]
     if busy:
         _fail(f"already in use on 127.0.0.1: {', '.join(busy)} (another server?); choose other ports with --prefect-port/--mlflow-port")
     bin_dir = Path(sys.executable).parent
     # The store URI goes through the environment, not the command line (visible to every user in ps).
+    # The database URL was set for this work dir by `_load` (unless the user set one).
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_BACKEND_STORE_URI": r.resolved_tracking_uri,
+           # MLflow's job runner (GenAI scorers) starts a dozen consumer processes the pipeline never uses
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_BACKEND_STORE_URI": store, "PREFECT_HOME": str(work / PREFECT_DIR),
            # Prefect 3.8 tells the browser its API address from these settings, not from `--port`:
            # without them the UI of a server on another port calls :4200 (empty, or someone else's runs).
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(prefect_port),
-           "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api", "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
     procs = {
         "prefect": [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        "mlflow": [str(bin_dir / "mlflow"), "server",
-                   "--default-artifact-root", (r.work_path / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(mlflow_port)],
+        "mlflow": [str(bin_dir / "mlflow"), "server", "--serve-artifacts", "--artifacts-destination", str(work / ARTIFACTS_DIR),
+                   "--host", "127.0.0.1", "--port", str(mlflow_port)],
     }
+    started = {}
     for name, cmd in procs.items():
         log_file = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        record_server(logs / f"{name}.pid", proc.pid, cmd, port=ports[name])
-    deadline = time.time() + 90
+        started[name] = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        record_server(logs / f"{name}.pid", started[name].pid, cmd, port=ports[name], work_dir=work)
     health = {"prefect": f"http://127.0.0.1:{prefect_port}/api/health", "mlflow": f"http://127.0.0.1:{mlflow_port}/health"}
-    pending = dict(health)
-    while pending and time.time() < deadline:
+    _wait_for(health, started, logs, timeout)
+    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   (API http://127.0.0.1:{prefect_port}/api; database {work / PREFECT_DIR})")
+    typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {mask_uri(store)}; artifacts {work / ARTIFACTS_DIR})")
+    # Through the server: the experiment exists for the links, with MLflow's training-runs views.
+    os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
+    from trlm.tracking import setup_tracking
+
+    experiment_id = setup_tracking(r).experiment_id
+    # MLflow 3's UI opens an experiment on its GenAI (traces) view: link the training-runs list directly.
+    typer.echo(f"  runs:     http://127.0.0.1:{mlflow_port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+               "   (expand a pipeline run for its stages)")
+    typer.echo(f"  registry: http://127.0.0.1:{mlflow_port}/#/models/{r.name}?workflowType=machine_learning")
+    typer.echo(f"`trlm run` and `trlm serve` with this work dir use these servers by themselves. Logs and pids: {logs}. Stop: trlm down")
+
+
+def _wait_for(health: dict[str, str], started: dict, logs: Path, timeout_s: int) -> None:
+    """Until every server answers its health URL (and is still our process), with progress."""
+    t0 = time.time()
+    pending, said = dict(health), t0
+    while pending and time.time() - t0 < timeout_s:
         for name, url in list(pending.items()):
-            if _answers(url) and recorded_process(logs / f"{name}.pid")[0] is not None:  # our process, answering
+            if started[name].poll() is not None:
+                _fail(f"the {name} server exited while starting (code {started[name].returncode}); see {logs / f'{name}.log'} "
+                      "(stop the other one with `trlm down`)")
+            if _answers(url):  # answering, and still our process (it has not exited)
                 pending.pop(name)
+        if pending and time.time() - said > 15:
+            said = time.time()
+            typer.echo(f"  waiting for {', '.join(pending)} ({time.time() - t0:.0f} s)...", err=True)
         time.sleep(0.5)
     if pending:
-        _fail(f"server(s) did not start within 90 s: {', '.join(pending)}; see logs in {logs}")
-    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   (API http://127.0.0.1:{prefect_port}/api)")
-    typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {mask_uri(r.resolved_tracking_uri)})")
-    # MLflow 3's UI opens an experiment on its GenAI (traces) view: link the training-runs list directly.
-    from mlflow import MlflowClient
-
-    experiment = MlflowClient(r.resolved_tracking_uri).get_experiment_by_name(r.experiment)
-    if experiment is not None:
-        typer.echo(f"  runs:     http://127.0.0.1:{mlflow_port}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-                   "   (expand a pipeline run for its stages)")
-        typer.echo(f"  registry: http://127.0.0.1:{mlflow_port}/#/models/{r.name}")
-    typer.echo(f"`trlm run` and `trlm serve` with this work dir use these servers by themselves. Logs and pids: {logs}. Stop: trlm down")
+        _fail(f"server(s) did not answer within {timeout_s} s: {', '.join(pending)}; see logs in {logs} (stop them with `trlm down`)")
 
 
 @app.command()
 def down(recipe: RecipeOpt = None) -> None:
     """Stop the servers started by `trlm up` (only processes that are still those servers)."""
-    from trlm.servers import stop_server
+    from trlm.servers import recorded_process, stop_server
 
     r, _ = _load(recipe, None)
+    failed = False
     for pid_file in sorted((r.work_path / "servers").glob("*.pid")):
+        running = recorded_process(pid_file)[0] is not None
         stopped, detail = stop_server(pid_file)  # checks pid, start time and command line before killing
         if stopped:
-            typer.echo(f"stopped {pid_file.stem} ({detail})")
+            typer.echo(f"stopped {pid_file.stem} ({detail}); nothing of it is left running")
+        elif running:
+            failed = True
+            typer.echo(f"error: {pid_file.stem}: {detail}", err=True)
         else:
             typer.echo(f"{pid_file.stem}: nothing stopped: {detail}; removed {pid_file}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -354,9 +382,14 @@ def serve(recipe: RecipeOpt = None,
     """Register the pipeline deployments (nightly cron + manual, per-stage parameters) and serve them."""
     r, overrides = _load(recipe, set_)
     quiet_environment(r)
-    if not _use_our_prefect_server(r):
-        _fail("no Prefect server: start one with `trlm up` or set PREFECT_API_URL (schedules need a persistent API)")
     from prefect import serve as prefect_serve
+    from prefect.settings import get_current_settings
+
+    from trlm.servers import prefect_target
+
+    if get_current_settings().api.url is None:
+        _fail("no Prefect server: start one with `trlm up` or set PREFECT_API_URL (schedules need a persistent API)")
+    typer.echo(f"Prefect: serving the deployments on {prefect_target()}")
 
     from trlm.flows.pipeline import pipeline
 

@@ -9,6 +9,7 @@ a credential). A pid is "our server" only while all three still match.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ def _argv_digest(args: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(args)).encode()).hexdigest()
 
 
-def record_server(pid_file: Path, pid: int, cmd: list[str], *, port: int | None = None) -> dict:
+def record_server(pid_file: Path, pid: int, cmd: list[str], *, port: int | None = None, work_dir: Path | None = None) -> dict:
     """Write the identity of a just-started server (its process must still exist)."""
     rec = {
         "pid": pid,
@@ -35,6 +36,8 @@ def record_server(pid_file: Path, pid: int, cmd: list[str], *, port: int | None 
         "n_args": len(cmd) - 1,
         "program": Path(cmd[0]).name,
         "port": port,
+        # a copied work dir carries these files: its commands must not take the original's servers
+        "work_dir": str(Path(work_dir).resolve()) if work_dir is not None else None,
     }
     Path(pid_file).write_text(json.dumps(rec))
     return rec
@@ -73,8 +76,12 @@ def recorded_process(pid_file: Path) -> tuple[psutil.Process | None, str]:
     return proc, "running"
 
 
-def stop_server(pid_file: Path) -> tuple[bool, str]:
-    """SIGTERM the server's process group if the pid file still describes it; remove the pid file."""
+def stop_server(pid_file: Path, timeout_s: float = 30.0) -> tuple[bool, str]:
+    """Stop the server the pid file still describes, with every process it started, and wait for them.
+
+    SIGTERM goes to the server's process group and to each descendant (a worker such as MLflow's
+    huey consumers may have left the group); whatever still runs after `timeout_s` gets SIGKILL.
+    Returns (stopped, what happened); the pid file is removed either way."""
     proc, why = recorded_process(pid_file)
     try:
         if proc is None:
@@ -82,12 +89,37 @@ def stop_server(pid_file: Path) -> tuple[bool, str]:
         pid = proc.pid
         if os.getpgid(pid) != pid:  # `up` starts each server as the leader of a new session
             return False, f"process {pid} is not a process group leader"
+        family = {proc.pid: proc}
+        family.update({p.pid: p for p in proc.children(recursive=True)})
+        family.update({p.pid: p for p in _group_members(pid)})
         os.killpg(pid, signal.SIGTERM)
-        return True, f"pid {pid}"
+        for p in family.values():
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(list(family.values()), timeout=timeout_s)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        _, left = psutil.wait_procs(alive, timeout=5)
+        detail = f"pid {pid}" + (f" and {len(family) - 1} child process(es)" if len(family) > 1 else "")
+        if alive:
+            detail += f"; {len(alive)} did not stop within {timeout_s:.0f} s and were killed"
+        if left:
+            detail += f"; STILL RUNNING: pids {', '.join(str(p.pid) for p in left)}"
+        return not left, detail
     except ProcessLookupError:
         return False, "it has exited"
     finally:
         Path(pid_file).unlink(missing_ok=True)
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if p.pid != pgid and os.getpgid(p.pid) == pgid:
+                members.append(p)
+    return members
 
 
 # --- where the running servers are ---------------------------------------------------------------
@@ -100,7 +132,9 @@ def live_port(work_dir: Path, name: str) -> int | None:
     pid_file = Path(work_dir) / "servers" / f"{name}.pid"
     proc, _ = recorded_process(pid_file)
     rec = read_record(pid_file) if proc is not None else None
-    return int(rec["port"]) if rec and rec.get("port") else None
+    if not rec or not rec.get("port") or rec.get("work_dir") != str(Path(work_dir).resolve()):
+        return None
+    return int(rec["port"])
 
 
 def mlflow_ui_base(tracking_uri: str, work_dir: Path) -> str | None:
@@ -119,3 +153,55 @@ def mlflow_ui_base(tracking_uri: str, work_dir: Path) -> str | None:
         return urlunparse((parsed.scheme, netloc, parsed.path.rstrip("/"), "", "", ""))
     port = live_port(work_dir, "mlflow")
     return f"http://127.0.0.1:{port}" if port else None
+
+
+# --- pointing a command at this work dir's servers ------------------------------------------------
+
+PREFECT_DIR = "prefect"  # the Prefect home (and database) of a work dir's servers, temporary ones too
+ARTIFACTS_DIR = "mlartifacts"  # what the work dir's MLflow server serves as `mlflow-artifacts:/`
+_DB_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+_applied: dict[str, str] = {}  # setting -> value this process set from `trlm up`'s records
+
+
+def prefect_database_url(work_dir: Path) -> str:
+    return f"sqlite+aiosqlite:///{Path(work_dir) / PREFECT_DIR / 'prefect.db'}"
+
+
+def own_mlflow_url(work_dir: Path) -> str | None:
+    """The URL of the MLflow server `trlm up` started for this work dir, while it runs."""
+    port = live_port(work_dir, "mlflow")
+    return f"http://127.0.0.1:{port}" if port else None
+
+
+def use_work_dir_servers(work_dir: Path) -> None:
+    """Point this process, and every process it starts, at the servers of this work dir.
+
+    Must run before Prefect is imported: Prefect reads its settings once, at import. What the user
+    set wins (`PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, a database URL); else the servers `trlm up`
+    started for this work dir, while they run. Without a Prefect server, the temporary one that
+    Prefect starts for a flow run keeps its runs in this work dir's database too (the one `trlm up`
+    shows later), never in the user's global `~/.prefect`."""
+    work_dir = Path(work_dir)
+    if "PREFECT_API_URL" not in os.environ and (port := live_port(work_dir, "prefect")):
+        _applied["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    if "MLFLOW_TRACKING_URI" not in os.environ and (url := own_mlflow_url(work_dir)):
+        _applied["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"] = url
+    if not any(v in os.environ for v in _DB_VARS):
+        (work_dir / PREFECT_DIR).mkdir(parents=True, exist_ok=True)
+        os.environ[_DB_VARS[0]] = prefect_database_url(work_dir)
+
+
+def prefect_target() -> str:
+    """Where this process's flow runs report, in words; raises if Prefect was imported before
+    `use_work_dir_servers` (then its settings would silently disagree with the environment)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    wanted = os.environ.get("PREFECT_API_URL")
+    if wanted and url != wanted:
+        raise RuntimeError(f"Prefect reads PREFECT_API_URL={url!r}, not {wanted!r}: it was imported before the setting was made")
+    if url is None:
+        return "a temporary Prefect server for this run (start `trlm up` for one that stays; this work dir keeps the runs)"
+    origin = "the server `trlm up` started for this work dir" if _applied.get("PREFECT_API_URL") == url else (
+        "PREFECT_API_URL" if wanted else "your Prefect profile")
+    return f"{url.removesuffix('/api')} ({origin})"

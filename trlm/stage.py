@@ -18,7 +18,8 @@ A declaration says:
 - optional hooks: `check(recipe)` (validation before any compute), `headline(out)` (numbers for the
   UIs), `report(recipe, lookup, out)` (rebuild a report from recorded results), `external_inputs`
   (fingerprints of files it reads directly), `libraries` (distributions whose version shapes its
-  output, part of its code version), `register_alias` (register `model/` in the model registry),
+  output, part of its code version), `approves` (the alias this stage gives the pipeline's final model once it has consumed it: the
+  eval stage sets `@candidate` on the model it evaluated),
   `launch_inputs` (input names passed as `--<name>-dir` when the flow starts its module under a
   multi-process launcher) and `launch(config)` (a `Launch`: how many processes, which launcher; the
   flow starts the module under it when that is more than one).
@@ -77,7 +78,7 @@ class Stage:
     headline: Callable[[Path], dict[str, float]] | None = None
     report: Callable[..., Any] | None = None
     libraries: tuple[str, ...] = ()
-    register_alias: str | None = None
+    approves: str | None = None
     launch_inputs: tuple[str, ...] = ()
     launch: Callable[[BaseModel], "Launch"] | None = None  # None: in-process; else how many processes, under which launcher
     description: str = ""
@@ -146,3 +147,9 @@ def train_launch(config: Any) -> Launch:
     """`Stage.launch` of the training stages: read from their `train:` section."""
     train = config.train
     return Launch(train.world_size(), train.launcher, train.distributed)
+
+
+def final_model(pipeline: tuple[Stage, ...]) -> str | None:
+    """The pipeline's final model: its last stage that hands on a model (registered when it runs)."""
+    models = [s.name for s in pipeline if s.hands_on == MODEL]
+    return models[-1] if models else None

@@ -31,6 +31,7 @@ from trlm.tracking import (
     TAG_KEY,
     TAG_KIND,
     TAG_LIBRARIES,
+    TAG_MODEL_ID,
     TAG_OUTPUT_FP,
     TAG_OWNER,
     TAG_RECIPE,
@@ -72,6 +73,7 @@ class Work:
     config: Any  # logged as the run's params
     code: CodeVersion
     hands_on: str = "all"  # model | parts | all: which output fingerprints downstream keys use
+    sources: dict[str, str] = field(default_factory=dict)  # input name -> where it came from (`runs:/...`, a path)
 
 
 def run_stage(
@@ -199,6 +201,7 @@ def _start_or_resume(tracker, recipe, work: Work, execute, done, parent_run_id, 
         run = client.create_run(tracker.experiment_id, run_name=f"{stage}-{key[:8]}", tags=tags)
         params = flatten("", work.config, {})
         client.log_batch(run.info.run_id, params=[Param(k[:250], v[:6000]) for k, v in params.items()], synchronous=True)
+        log_inputs(client, run.info.run_id, work)
     run_id = run.info.run_id
     client.set_tag(run_id, TAG_OWNER, owner_tag())
     for k, v in (extra_tags or {}).items():
@@ -206,8 +209,10 @@ def _start_or_resume(tracker, recipe, work: Work, execute, done, parent_run_id, 
     out = tracker.output_dir_for_writing(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(client, run_id, logged_through)
+    monitor = system_metrics(run_id, resume=run is not None and logged_through is not None)
     try:
-        summary = execute(out, logger)
+        with monitor:
+            summary = execute(out, logger)
         fingerprint = read_fingerprint(out)
         if fingerprint is None:
             raise RuntimeError(f"{stage} finished without writing {out}/fingerprint.json")
@@ -228,6 +233,8 @@ def _start_or_resume(tracker, recipe, work: Work, execute, done, parent_run_id, 
         client.log_batch(run_id, tags=tags, synchronous=True)
         if tracker.local_artifact_dir(run) is None:
             tracker.upload_output(run_id, out)  # checked against fingerprint.json: never FINISHED when incomplete
+        if work.hands_on == MODEL:
+            log_model(tracker, run_id, stage, outputs[MODEL])
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         error = mask_secrets("".join(traceback.format_exception_only(type(exc), exc)))[-5000:]
@@ -235,6 +242,55 @@ def _start_or_resume(tracker, recipe, work: Work, execute, done, parent_run_id, 
         raise
     log.info("%s: done (run %s)", stage, run_id)
     return StageOutcome(stage, key, run_id, tracker.artifact_uri(run), str(out), outputs, False, summary, reproduced)
+
+
+def log_inputs(client, run_id: str, work: Work) -> None:
+    """Each input as an MLflow dataset input (the runs list's Dataset column): its name, where it
+    came from, and its content fingerprint as the digest (MLflow keeps 36 characters; the source has it whole)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    datasets = [DatasetInput(Dataset(name=name, digest=fingerprint[:36], source_type="trlm",
+                                     source=json.dumps({"uri": work.sources.get(name, ""), "fingerprint": fingerprint})),
+                             tags=[InputTag("mlflow.data.context", MODEL if name == MODEL else "training")])
+                for name, fingerprint in sorted(work.inputs.items())]
+    if datasets:
+        client.log_inputs(run_id, datasets=datasets)
+
+
+def log_model(tracker: Tracker, run_id: str, stage: str, fingerprint: str) -> str:
+    """The stage's `model/` as an MLflow LoggedModel of its run (the runs list's Models column), its
+    weights left where they are (`runs:/<id>/output/model`). Returns the model id."""
+    from mlflow.entities import LoggedModelOutput
+
+    client = tracker.client
+    model = client.create_logged_model(tracker.experiment_id, name=stage, source_run_id=run_id, model_type="causal-lm",
+                                       tags={"trlm.fingerprint": fingerprint, "trlm.weights": f"runs:/{run_id}/{OUTPUT}/{MODEL}"})
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    client.set_tag(run_id, TAG_MODEL_ID, model.model_id)
+    return model.model_id
+
+
+def system_metrics(run_id: str, resume: bool):
+    """CPU, memory, disk and GPU use of this process's machine, logged into the run every 10 s."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1, resume_logging=resume)
+
+    @contextlib.contextmanager
+    def running():
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            # MLflow's monitor drops the sample it holds when stopped: a stage shorter than one
+            # interval would show none. Its state at the end, once.
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+
+    return running()
 
 
 def substep_runner(tracker: Tracker, recipe: Recipe, stage: Stage, parent_run_id: str, force: bool) -> Callable[..., Path]:

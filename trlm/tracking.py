@@ -36,8 +36,11 @@ TAG_LIBRARIES = "trlm.libraries"  # JSON: {distribution: version}
 TAG_RERUN_OF = "trlm.rerun_of"  # a forced rerun: the FINISHED run of the same key it reran
 TAG_REPRODUCED = "trlm.reproduced"  # "true" when its outputs' fingerprints equal that run's
 TAG_UNRESUMABLE = "trlm.unresumable"  # a failed run whose directory must not be resumed (damaged artifact)
+TAG_MODEL_ID = "trlm.model_id"  # the LoggedModel of a training stage's `model/`
 TAG_OWNER = "trlm.owner"  # "host pid start-time" of the process executing the run
 OUTPUT = "output"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow's UI picks training or GenAI views from it
+TRAINING_KIND = "custom_model_development"
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ class Tracker:
         work_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
         self.work_dir = work_dir
+        # Where `mlflow-artifacts:/` paths live when this store is the work dir's own (its SQLite
+        # file, or the server `trlm up` started over it): read and written in place, no transfer.
+        self.artifact_root = local_artifact_root(tracking_uri, work_dir)
         mlflow.set_tracking_uri(tracking_uri)
         # Two runs starting at once on a fresh work dir would both create and migrate the SQLite
         # store and both create the experiment: one process at a time, the others find them made.
@@ -71,10 +77,11 @@ class Tracker:
             self.client = MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)  # the first query creates the store
             if exp is None:
-                # Artifacts next to the DB in the work dir, not in a CWD-relative ./mlruns.
-                location = (work_dir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite") else None
+                # Relative to the work dir's artifact root, never an absolute path: a copied or moved
+                # work dir reads and writes its own artifacts. (A server picks its own location.)
+                location = f"mlflow-artifacts:/{_slug(experiment)}" if tracking_uri.startswith("sqlite") else None
                 try:
-                    exp_id = self.client.create_experiment(experiment, artifact_location=location)
+                    exp_id = self.client.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND: TRAINING_KIND})
                 except MlflowException:  # created meanwhile by a process on another machine (same server)
                     exp = self.client.get_experiment_by_name(experiment)
                     if exp is None:
@@ -82,7 +89,24 @@ class Tracker:
                     exp_id = exp.experiment_id
             else:
                 exp_id = exp.experiment_id
+                self._refuse_foreign_artifacts(exp.artifact_location)
+                if exp.tags.get(EXPERIMENT_KIND) != TRAINING_KIND:  # MLflow's UI would show GenAI views
+                    self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, TRAINING_KIND)
         self.experiment_id = exp_id
+
+    def _refuse_foreign_artifacts(self, location: str) -> None:
+        """An experiment of this work dir's own store whose artifacts are an absolute path elsewhere
+        (a store made before locations were relative, then copied or moved): refuse, or every stage
+        would read and write the other work dir's files."""
+        parsed = urlparse(location)
+        if self.artifact_root is None or parsed.scheme not in ("", "file"):
+            return
+        where = Path(unquote(parsed.path))
+        if not where.is_relative_to(self.work_dir):
+            raise WorkDirMoved(
+                f"the MLflow store of work dir {self.work_dir} keeps its artifacts in {where}, outside it: the work dir was "
+                f"copied or moved from {where.parent}. Use that work dir, or start this one afresh (an empty TRLM_HOME); "
+                "work dirs made by this version hold relative locations and can be moved")
 
     # queries
     def _search(self, filter_string: str, max_results: int = 20):
@@ -106,13 +130,25 @@ class Tracker:
         return runs[0] if runs else None
 
     # artifacts
-    @staticmethod
-    def local_artifact_dir(run) -> Path | None:
-        uri = run.info.artifact_uri
-        parsed = urlparse(uri)
+    def local_artifact_dir(self, run) -> Path | None:
+        """The run's artifact directory on this machine's file system, or None for a remote store."""
+        parsed = urlparse(run.info.artifact_uri)
         if parsed.scheme in ("", "file"):
             return Path(unquote(parsed.path))
+        if parsed.scheme == "mlflow-artifacts" and self.artifact_root is not None:
+            return self.artifact_root / unquote(parsed.path).lstrip("/")
         return None
+
+    def log_file(self, run_id: str, path: Path, artifact_dir: str) -> None:
+        """One file into a run's artifacts (in place for the work dir's own store, else uploaded)."""
+        import shutil
+
+        local = self.local_artifact_dir(self.client.get_run(run_id))
+        if local is None:
+            self.client.log_artifact(run_id, str(path), artifact_dir)
+            return
+        (local / artifact_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, local / artifact_dir / Path(path).name)
 
     def staging_dir(self, run_id: str) -> Path:
         """Where a run with a remote artifact store writes its output on this machine."""
@@ -165,6 +201,8 @@ class Tracker:
         from trlm.artifact_store import download_verified
         from trlm.artifacts import work_dir_lock
 
+        if uri.startswith("models:/") and (source := self._version_source(uri)):
+            uri = source  # a version registered from a run: that run's artifact, resolved as one
         if uri.startswith("runs:/"):
             run_id, _, path = uri.removeprefix("runs:/").partition("/")
             run = self.client.get_run(run_id)
@@ -187,6 +225,13 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - re-raised with the URI named
             raise RuntimeError(f"cannot resolve artifact {uri}: {exc}") from exc
 
+    def _version_source(self, uri: str) -> str | None:
+        """`models:/<name>@<alias>` or `models:/<name>/<version>` -> the `runs:/` URI it was registered from."""
+        name, _, rest = uri.removeprefix("models:/").partition("/")
+        name, _, alias = name.partition("@")
+        version = self.client.get_model_version_by_alias(name, alias) if alias else self.client.get_model_version(name, rest)
+        return version.source if version.source.startswith("runs:/") else None
+
     # failures
     def mark_failed(self, run_id: str, error: str, status: str = "FAILED") -> None:
         """Tag the reason and end the run; if the server cannot be reached, keep the failure in the
@@ -206,6 +251,26 @@ class Tracker:
 
     def artifact_uri(self, run) -> str:
         return f"runs:/{run.info.run_id}/{OUTPUT}"
+
+
+class WorkDirMoved(RuntimeError):
+    """The work dir's MLflow store points at another work dir's artifacts."""
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "experiment"
+
+
+def local_artifact_root(tracking_uri: str, work_dir: Path) -> Path | None:
+    """`<work_dir>/mlartifacts` when the store is the work dir's own: a SQLite file, or the MLflow
+    server `trlm up` started for it (which serves that directory as `mlflow-artifacts:/`)."""
+    from trlm.servers import ARTIFACTS_DIR, own_mlflow_url
+
+    if tracking_uri.startswith("sqlite") or tracking_uri.rstrip("/") == own_mlflow_url(work_dir):
+        return Path(work_dir) / ARTIFACTS_DIR
+    return None
 
 
 def run_outputs(run) -> dict[str, str]:
@@ -292,14 +357,26 @@ def close_abandoned_runs(tracker: Tracker) -> list[str]:
     return closed
 
 
-def register_model(tracker: Tracker, name: str, run_id: str, alias: str = "candidate") -> int:
-    """Register `runs:/<id>/output/model` under `name` and point `alias` at the new version."""
+def register_model(tracker: Tracker, name: str, run_id: str) -> int:
+    """Register `runs:/<id>/output/model` under `name` (once per run); returns its version. No alias:
+    `@candidate` is set by `promote`, once the model has been evaluated."""
     client = tracker.client
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)
-    source = f"runs:/{run_id}/{OUTPUT}/model"
-    version = client.create_model_version(name, source=source, run_id=run_id)
-    client.set_registered_model_alias(name, alias, version.version)
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return int(version.version)
+    version = client.create_model_version(name, source=f"runs:/{run_id}/{OUTPUT}/model", run_id=run_id)
     return int(version.version)
 
 
+def promote(tracker: Tracker, name: str, run_id: str, alias: str) -> tuple[int, bool]:
+    """Point `name@alias` at the version of `run_id` (registered now if it was not). Returns
+    (version, moved): moved is False when the alias already pointed there."""
+    version = register_model(tracker, name, run_id)
+    try:
+        moved = int(tracker.client.get_model_version_by_alias(name, alias).version) != version
+    except Exception:  # noqa: BLE001 - MlflowException: no such alias yet
+        moved = True
+    if moved:
+        tracker.client.set_registered_model_alias(name, alias, str(version))
+    return version, moved
