@@ -71,13 +71,13 @@ import torch
 from trlm.artifacts import atomic_file, read_fingerprint
 from trlm.recipe import DPOStageConfig
 from trlm.stage import MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
-from trlm.stages.attention import install_head_forward
-from trlm.stages.batching import Ragged, collate, micro_batch_rows, to_device, unpack_rows
-from trlm.stages.checkpoints import finished_summary
-from trlm.stages.distributed import gradient_sync, one_writer, shard_model
-from trlm.stages.entry import stage_main
-from trlm.stages.losses import IGNORE_INDEX, chunked_sequence_logps, dpo_loss, dpo_metrics
-from trlm.stages.loop import (
+from trlm.training.attention import install_head_forward
+from trlm.training.batching import Ragged, collate, micro_batch_rows, to_device, unpack_rows
+from trlm.training.checkpoints import finished_summary
+from trlm.training.distributed import gradient_sync, one_writer, shard_model
+from trlm.training.entry import stage_main
+from trlm.training.losses import IGNORE_INDEX, chunked_sequence_logps, dpo_loss, dpo_metrics
+from trlm.training.loop import (
     LogWindow,
     OnLog,
     due,
@@ -90,7 +90,7 @@ from trlm.stages.loop import (
     save_if_due,
     setup_training,
 )
-from trlm.stages.modeling import disable_dropout
+from trlm.training.modeling import disable_dropout
 
 COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
 REFERENCE_FILE = "reference_logps.pt"

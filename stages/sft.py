@@ -69,12 +69,12 @@ from pathlib import Path
 
 from trlm.recipe import SFTStageConfig
 from trlm.stage import BASE, MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
-from trlm.stages.batching import collate, micro_batch_rows, to_device
-from trlm.stages.checkpoints import finished_summary
-from trlm.stages.distributed import gradient_sync, one_writer
-from trlm.stages.entry import stage_main
-from trlm.stages.losses import attach_neftune, chunked_sft_loss_sum, count_target_tokens
-from trlm.stages.loop import (
+from trlm.training.batching import collate, micro_batch_rows, to_device
+from trlm.training.checkpoints import finished_summary
+from trlm.training.distributed import gradient_sync, one_writer
+from trlm.training.entry import stage_main
+from trlm.training.losses import attach_neftune, chunked_sft_loss_sum, count_target_tokens
+from trlm.training.loop import (
     LogWindow,
     OnLog,
     due,

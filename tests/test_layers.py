@@ -13,7 +13,7 @@ import ast
 
 import pytest
 
-from trlm.import_graph import direct_imports, import_closure, module_file, package_modules
+from trlm.runs.import_graph import direct_imports, import_closure, module_file, package_modules
 
 MODULES = package_modules()
 
@@ -36,7 +36,7 @@ PACKAGES = {"trlm", "trlm.stages", "trlm.flows", "trlm.eval", "trlm.recipes", "t
 
 
 def test_the_package_is_found_from_source():
-    assert {"trlm.recipe", "trlm.lineage", "trlm.stages.sft", "trlm.flows.pipeline", "trlm.eval.harness", "trlm.cli"} <= set(MODULES)
+    assert {"trlm.recipe", "trlm.runs.lineage", "trlm.stages.sft", "trlm.flows.pipeline", "trlm.eval.harness", "trlm.cli"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -46,7 +46,7 @@ def test_imports_follow_the_layers(module):
 
 
 def test_core_imports_no_stage_and_lineage_no_stage_module():
-    for module in ("trlm.recipe", "trlm.artifacts", "trlm.data_spec", "trlm.base_model", "trlm.lineage", "trlm.stage"):
+    for module in ("trlm.recipe", "trlm.artifacts", "trlm.data_spec", "trlm.base_model", "trlm.runs.lineage", "trlm.stage"):
         assert not [m for m in import_closure(module) if m.startswith("trlm.stages.") or m.startswith("trlm.flows.")], module
 
 
@@ -92,7 +92,7 @@ def test_the_cycle_detector_sees_a_function_local_import(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import trlm.import_graph as graph
+    import trlm.runs.import_graph as graph
 
     monkeypatch.setattr(graph, "PACKAGE", "trlm_probe")
     (pkg / "a.py").write_text("import trlm_probe.b\n")

@@ -18,7 +18,7 @@ import yaml
 
 from trlm.data_spec import RowError
 from trlm.recipe import MixtureConfig
-from trlm.stages.chat_spans import TemplateError, content_span, control_tokens, render, sft_spans, tokenize_with_mask
+from trlm.stages.data_prep.chat_spans import TemplateError, content_span, control_tokens, render, sft_spans, tokenize_with_mask
 from trlm.stages.data_prep import IGNORE, DataValidationError, _encode_preference, _encode_sft, build_tokenizer, prepare_mixture
 
 IM_END = "<|im_end|>"

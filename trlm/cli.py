@@ -117,8 +117,8 @@ def run(
     except RecipeError as exc:
         _fail(str(exc))
     from trlm.flows.pipeline import selected_stages
-    from trlm.lineage import plan
-    from trlm.tracking import setup_tracking
+    from trlm.runs.lineage import plan
+    from trlm.runs.tracking import setup_tracking
 
     tracker = setup_tracking(r)
     plans = plan(r, tracker, PIPELINE)
@@ -158,7 +158,7 @@ def run(
 
 def _print_report(r, tracker) -> None:
     """Print the report of every finished stage that wrote one (the eval stage's reproduction report)."""
-    from trlm.lineage import plan
+    from trlm.runs.lineage import plan
     from trlm.stages.registry import PIPELINE
 
     for p in plan(r, tracker, PIPELINE):
@@ -188,8 +188,8 @@ def status(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     r, _ = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
     from trlm.artifacts import mask_uri
-    from trlm.lineage import plan
-    from trlm.tracking import setup_tracking
+    from trlm.runs.lineage import plan
+    from trlm.runs.tracking import setup_tracking
     from trlm.stages.registry import PIPELINE
 
     plans = plan(r, setup_tracking(r), PIPELINE)
@@ -250,7 +250,7 @@ def report(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     """Write the reproduction report from the evaluations recorded in MLflow (missing stages show as –)."""
     r, _ = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
-    from trlm.tracking import setup_tracking
+    from trlm.runs.tracking import setup_tracking
     from trlm.stages.registry import PIPELINE
 
     tracker = setup_tracking(r)

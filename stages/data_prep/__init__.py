@@ -50,7 +50,7 @@ from trlm.recipe import DataPrepConfig, MixtureConfig, Recipe, mixtures
 from trlm.stage import BASE, MODEL, Stage, StageContext
 
 DATA_ROOT_FILE = "data_root.json"  # where the data came from: the path and which setting won
-from trlm.stages.chat_spans import IGNORE, TemplateError, control_tokens, describe_template, find_control_text, preference_texts, render, sft_spans, tokenize_with_mask
+from trlm.stages.data_prep.chat_spans import IGNORE, TemplateError, control_tokens, describe_template, find_control_text, preference_texts, render, sft_spans, tokenize_with_mask
 
 log = logging.getLogger(__name__)
 ROLES = {"system", "user", "assistant"}
@@ -364,7 +364,7 @@ def prepare_data(recipe: Recipe, *, base_model_dir: Path, out_dir: Path, progres
 
 
 def _decontaminate(recipe: Recipe, out: Path) -> dict:
-    from trlm.stages.decontamination import check_overlap
+    from trlm.stages.data_prep.decontamination import check_overlap
 
     texts = {}
     for stage in mixtures(recipe):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trlm.stages.attention import PACKED_SDPA, register_packed_sdpa
+from trlm.training.attention import PACKED_SDPA, register_packed_sdpa
 
 END_OF_TURN = "<|im_end|>"
 
@@ -41,7 +41,7 @@ def make_accelerator(precision: str, distributed: str = "ddp"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from trlm.stages.distributed import accelerator_options
+    from trlm.training.distributed import accelerator_options
 
     # AcceleratorState is a process-wide singleton that refuses a different mixed_precision: reset it
     # so that several stages (and tests) can run one after the other in one process. The distributed
