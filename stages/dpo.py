@@ -25,7 +25,7 @@ What it does, top to bottom (`train_dpo`):
    `checkpoints/` unless `keep_checkpoints`.
 
 Setup, resume, the logging window, checkpoints and the artifact are shared with SFT as plain
-functions (`stages/loop.py`); this file holds what is DPO's own: pair batches, the shared-prompt
+functions (`trlm/training/loop.py`); this file holds what is DPO's own: pair batches, the shared-prompt
 layout, the reference log-probs and the loop body.
 
 Trade-offs:
@@ -40,7 +40,7 @@ Trade-offs:
   and the attention itself still runs over the prompt once per side.
 * Dropout is off (TRL's `disable_dropout=True`); SmolLM2 has no dropout anyway.
 
-Several processes (DDP or FSDP2, `stages/distributed.py`): each process takes `batch_size` pairs of
+Several processes (DDP or FSDP2, `trlm/training/distributed.py`): each process takes `batch_size` pairs of
 every global micro-batch; the loss is its mean over them and DDP/FSDP average over processes, so
 the step's loss is the mean over all its pairs. The reference log-probs are computed once: each
 process runs its contiguous share of the rows, the shares are gathered, rank 0 stores the table,

@@ -26,7 +26,7 @@ What it does, top to bottom (`train_sft`):
    `fingerprint.json` last; then delete `checkpoints/` unless `keep_checkpoints`.
 
 Setup, resume, the logging window, checkpoints and the artifact are shared with DPO as plain
-functions (`stages/loop.py`); this file holds what is SFT's own: NEFTune and the loop body.
+functions (`trlm/training/loop.py`); this file holds what is SFT's own: NEFTune and the loop body.
 
 Trade-offs:
 * Padding-free batching (default) packs a micro-batch into one row: no compute on padding, the
@@ -42,7 +42,7 @@ Trade-offs:
 * Resume is exact (bit-identical on CPU in fp32: same data order, RNG, optimizer state).
 * `bf16-pure` halves memory and follows the published run, at the cost of rounding small updates.
 
-Several processes (`stages/distributed.py`): `train.distributed` ddp or fsdp (FSDP2), the same
+Several processes (`trlm/training/distributed.py`): `train.distributed` ddp or fsdp (FSDP2), the same
 results as one process with the same global batch (tested: loss and gradient norm to 1e-5).
 `batch_size` is per process: the global batch is batch_size x grad_accum_steps x processes, and
 each process takes its own rows of every global micro-batch (`batching.micro_batch_rows`). The

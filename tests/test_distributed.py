@@ -1,4 +1,4 @@
-"""Training in several processes (`stages/distributed.py`): DDP and FSDP2 checked against one process.
+"""Training in several processes (`trlm/training/distributed.py`): DDP and FSDP2 checked against one process.
 
 On the tiny model, CPU, gloo, 2 processes:
 * 2 processes x batch b == 1 process x batch 2b, for SFT and DPO, in DDP and in FSDP2: the same

@@ -1,4 +1,4 @@
-"""SFT stage (`stages/sft.py`) and the shared helpers (`stages/loop.py`, `batching.py`, ...), on a tiny Llama.
+"""SFT stage (`stages/sft.py`) and the shared helpers (`trlm/training/loop.py`, `batching.py`, ...), on a tiny Llama.
 
 Every test runs the real stage code on CPU in fp32 with real GSM8K chats and the real SmolLM2
 tokenizer; a stage call takes about a second.

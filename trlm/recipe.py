@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, create_model, model_validator
 
 DEFAULT_RECIPE = "offline-smoke"
-# One source for the loss families (stages/losses.py implements them; the schema accepts them).
+# One source for the loss families (trlm/training/losses.py implements them; the schema accepts them).
 SFT_LOSS_TYPES: tuple[str, ...] = ("nll", "dft")
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "apo_zero", "ipo", "hinge", "robust")
 LABEL_SMOOTHING_LOSSES: tuple[str, ...] = ("sigmoid", "robust")  # the DPO losses that use label_smoothing
@@ -114,7 +114,7 @@ class TrainConfig(Strict):
     compile: Bool = Field(
         False, description="torch.compile each decoder layer's norms and MLP (GPU: fuses the memory-bound elementwise work; compiling costs a minute)"
     )
-    # Several processes: README "Several GPUs and several machines", stages/distributed.py.
+    # Several processes: README "Several GPUs and several machines", trlm/training/distributed.py.
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="ddp (each process holds the model) or fsdp (FSDP2: sharded; 2+ processes)")
     num_processes: Literal["auto"] | PositiveInt = Field(
         "auto", description="the world size (global batch = batch_size x grad_accum_steps x num_processes); auto = this machine's GPUs, 1 without one"

@@ -15,7 +15,7 @@ For each training stage's mixture (`sft_general.data`, `sft_think.data`, `dpo.da
 5. build labels: `all` tokens (what the published recipe did) or `assistant` turns only, each
    including its closing `<|im_end|>`; preference data always trains on the completion only. Turns
    are located by position in the template's output, never by searching their text
-   (stages/chat_spans.py); a template that cannot locate them stops the stage under any policy;
+   (stages/data_prep/chat_spans.py); a template that cannot locate them stops the stage under any policy;
 6. truncate as configured (SFT keep_start/keep_end; DPO: prompt keeps its last max_prompt_length
    tokens, then the whole sequence is cut to max_length);
 7. write `train.parquet`, `tokenizer/`, `stats.json`, `inputs.json` and `fingerprint.json`.
@@ -130,7 +130,7 @@ def validate_row(kind: str, row: dict) -> None:
         raise err("chosen", "chosen is identical to rejected", "chosen identical to rejected")
 
 
-# --- rendering and label masks: stages/chat_spans.py (turns located by position) ------------------
+# --- rendering and label masks: stages/data_prep/chat_spans.py (turns located by position) ------------------
 
 
 def _truncate(seq: list[int], max_length: int, mode: str) -> list[int]:
@@ -252,7 +252,7 @@ def _reject_control_text(row: dict, fields: tuple[str, ...], forbidden: list[str
 
 def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close_id, eos_id, forbidden) -> dict:
     """Tokens of the full rendering; with loss_mask assistant, labels on each assistant turn's content
-    + its end token, located by position (stages/chat_spans.py). TemplateError propagates: it stops the stage."""
+    + its end token, located by position (stages/data_prep/chat_spans.py). TemplateError propagates: it stops the stage."""
     messages = row["messages"]
     _reject_control_text(row, ("messages",), forbidden)
     text = render(tokenizer, template, messages)
@@ -280,7 +280,7 @@ def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close
 def _encode_preference(tokenizer, template, end_token, mixture, row, stats, forbidden) -> dict:
     """prompt ids (shared) + completion ids; labels -100 on the prompt; truncation as published.
 
-    Each side is split by position (stages/chat_spans.py): the completion starts where its first
+    Each side is split by position (stages/data_prep/chat_spans.py): the completion starts where its first
     assistant content starts. Prompt and completion are tokenized separately (as TRL's DPO does), so
     no token straddles the boundary."""
     _reject_control_text(row, ("prompt", "chosen", "rejected"), forbidden)

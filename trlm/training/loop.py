@@ -23,9 +23,9 @@ Each stage file (`stages/sft.py`, `stages/dpo.py`) owns its loop body and reads 
 Here: `setup_training` / `prepare_training` (accelerator, seed, data, model, optimizer, schedule),
 `maybe_resume`, `LogWindow` (the sums between two log lines), `optimizer_step` (clip, the
 non-finite check, step), `save_if_due`, `finish` (model/, metrics.json, fingerprint.json). The
-command line of both stages is `stages/entry.py`.
+command line of both stages is `trlm/training/entry.py`.
 
-Several processes (DDP, FSDP2: `stages/distributed.py`) change only `setup_training` (the launch
+Several processes (DDP, FSDP2: `trlm/training/distributed.py`) change only `setup_training` (the launch
 checked before any compute), `prepare_training` (the wrapping) and the checkpoints; the loops are
 the same in every mode.
 

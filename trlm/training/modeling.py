@@ -1,7 +1,7 @@
 """The model a training stage starts from, and what is done to it before training.
 
 * `make_accelerator`: one `Accelerator` per stage call, and the precision (fp32, bf16-mixed, bf16-pure).
-* `load_model` (with the per-document attention kernel of `stages/attention.py`), `load_tokenizer`.
+* `load_model` (with the per-document attention kernel of `trlm/training/attention.py`), `load_tokenizer`.
 * vocabulary: `resize_for_tokenizer` (new rows = the mean of their text pieces' rows),
   `set_end_of_turn` (eos = pad = `<|im_end|>`).
 * `disable_dropout` (DPO), `enable_gradient_checkpointing`, `compile_blocks` (torch.compile of the
