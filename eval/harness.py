@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from trlm.recipe import EvalConfig
+from trlm.eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 

@@ -63,20 +63,22 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from trlm.artifacts import atomic_file, read_fingerprint
-from trlm.recipe import DPOStageConfig
+from trlm.recipe import Bool, MixtureConfig, NoBool, PositiveFloat, Strict
 from trlm.stage import MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
 from trlm.training.attention import install_head_forward
 from trlm.training.batching import Ragged, collate, micro_batch_rows, to_device, unpack_rows
 from trlm.training.checkpoints import finished_summary
+from trlm.training.config import TrainConfig
 from trlm.training.distributed import gradient_sync, one_writer, shard_model
 from trlm.training.entry import stage_main
-from trlm.training.losses import IGNORE_INDEX, chunked_sequence_logps, dpo_loss, dpo_metrics
+from trlm.training.losses import DPO_LOSS_TYPES, IGNORE_INDEX, LABEL_SMOOTHING_LOSSES, chunked_sequence_logps, dpo_loss, dpo_metrics
 from trlm.training.loop import (
     LogWindow,
     OnLog,
@@ -95,6 +97,29 @@ from trlm.training.modeling import disable_dropout
 COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
 REFERENCE_FILE = "reference_logps.pt"
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+class DPOStageConfig(Strict):
+    data: MixtureConfig
+    train: TrainConfig
+    loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"
+    beta: PositiveFloat = 0.1
+    label_smoothing: Annotated[float, NoBool, Field(ge=0, lt=0.5)] = 0.0
+    precompute_ref_logps: Bool = Field(True, description="compute reference log-probs once before training")
+    share_prompt: Bool = Field(
+        True,
+        description="run each pair's common prefix (the prompt) once, not once per side; exact. Applies where "
+        "train.padding_free and attn_implementation packed_sdpa; the stage summary says whether it was used",
+    )
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "DPOStageConfig":
+        mpl = self.data.max_prompt_length
+        if mpl is not None and mpl >= self.data.max_length:
+            raise ValueError(f"data.max_prompt_length ({mpl}) must be smaller than data.max_length ({self.data.max_length})")
+        if self.label_smoothing and self.loss_type not in LABEL_SMOOTHING_LOSSES:
+            raise ValueError(f"label_smoothing is only used by loss_type {' or '.join(LABEL_SMOOTHING_LOSSES)}, not {self.loss_type!r}")
+        return self
 
 
 def pair_batch(data: dict[str, Ragged], rows, *, padding_free: bool, pad_id: int, share_prompt: bool = False) -> dict:

@@ -66,14 +66,16 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
-from trlm.recipe import SFTStageConfig
+from trlm.recipe import MixtureConfig, NonNegativeFloat, Strict, section_name
 from trlm.stage import BASE, MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
 from trlm.training.batching import collate, micro_batch_rows, to_device
 from trlm.training.checkpoints import finished_summary
+from trlm.training.config import TrainConfig
 from trlm.training.distributed import gradient_sync, one_writer
 from trlm.training.entry import stage_main
-from trlm.training.losses import attach_neftune, chunked_sft_loss_sum, count_target_tokens
+from trlm.training.losses import SFT_LOSS_TYPES, attach_neftune, chunked_sft_loss_sum, count_target_tokens
 from trlm.training.loop import (
     LogWindow,
     OnLog,
@@ -88,6 +90,13 @@ from trlm.training.loop import (
     save_if_due,
     setup_training,
 )
+
+
+class SFTStageConfig(Strict):
+    data: MixtureConfig
+    train: TrainConfig
+    loss_type: Literal[SFT_LOSS_TYPES] = "nll"
+    neftune_alpha: NonNegativeFloat | None = None
 
 
 @one_writer  # the writing process holds a lock on out_dir for the whole call (distributed.py)
@@ -172,7 +181,7 @@ def _run(ctx: StageContext) -> dict:
 
 
 def _declare(name: str, model_from: str, description: str) -> Stage:
-    section = name.replace("-", "_")
+    section = section_name(name)
     return Stage(
         name=name,
         section=section,

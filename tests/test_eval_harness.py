@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from trlm.eval.tasks import SMOKE_SUBTASKS
-from trlm.recipe import EvalConfig
+from trlm.eval.config import EvalConfig
 
 TASKS = ["arc_challenge", "piqa", "gsm8k", "ifeval", "mmlu"]
 LIMIT = 3

@@ -37,16 +37,17 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from trlm.artifacts import atomic_directory, hash_directory, write_fingerprint
 from trlm.data_spec import RowError, load_data_spec, resolve_rows
-from trlm.recipe import DataPrepConfig, MixtureConfig, Recipe, mixtures
+from trlm.recipe import Bool, MixtureConfig, Recipe, Strict, mixtures
 from trlm.stage import BASE, MODEL, Stage, StageContext
 
 DATA_ROOT_FILE = "data_root.json"  # where the data came from: the path and which setting won
@@ -56,6 +57,13 @@ log = logging.getLogger(__name__)
 ROLES = {"system", "user", "assistant"}
 HISTOGRAM_EDGES = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
 MAX_LISTED = 200  # dropped rows listed one by one in stats.json (all of them are counted)
+
+
+class DataPrepConfig(Strict):
+    validation_policy: Literal["error", "drop"] = Field(
+        "error", description="error: stop before writing anything; drop: drop bad rows, count and report them"
+    )
+    decontaminate: Bool = Field(True, description="13-gram overlap check of every mixture against the benchmarks")
 
 
 class DataValidationError(ValueError):
