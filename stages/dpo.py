@@ -361,7 +361,6 @@ STAGE = Stage(
     name="dpo",
     section="dpo",
     config=DPOStageConfig,
-    inputs=lambda recipe: {"model": f"sft-think:{MODEL}", "data": "data-prep:dpo"},
     key_config=section_without_mixture("dpo"),
     check=training_check("dpo", "preference"),
     hands_on=MODEL,

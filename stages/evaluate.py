@@ -45,10 +45,6 @@ class EvalStageConfig(EvalConfig):
                               description="base and/or training stages, in report column order")
 
 
-def _inputs(recipe) -> dict[str, str]:
-    return {model: f"{model}:{MODEL}" for model in recipe.eval.models}
-
-
 def _harness_settings(cfg: EvalStageConfig) -> dict:
     """What one model's results depend on: the eval settings, not which other models are evaluated."""
     settings = output_config(cfg)
@@ -112,7 +108,6 @@ STAGE = Stage(
     name="eval",
     section="eval",
     config=EvalStageConfig,
-    inputs=_inputs,
     run=run,
     check=check,
     headline=headline,

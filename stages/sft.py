@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Literal
 
 from trlm.recipe import MixtureConfig, NonNegativeFloat, Strict, section_name
-from trlm.stage import BASE, MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
+from trlm.stage import MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
 from trlm.training.batching import collate, micro_batch_rows, to_device
 from trlm.training.checkpoints import finished_summary
 from trlm.training.config import TrainConfig
@@ -180,13 +180,12 @@ def _run(ctx: StageContext) -> dict:
     return train_sft(ctx.config, model_dir=ctx.inputs["model"], data_dir=ctx.inputs["data"], out_dir=ctx.out, on_log=ctx.on_log)
 
 
-def _declare(name: str, model_from: str, description: str) -> Stage:
+def _declare(name: str, description: str) -> Stage:
     section = section_name(name)
     return Stage(
         name=name,
         section=section,
         config=SFTStageConfig,
-        inputs=lambda recipe: {"model": f"{model_from}:{MODEL}", "data": f"data-prep:{name}"},
         key_config=section_without_mixture(section),
         check=training_check(section, "sft"),
         hands_on=MODEL,
@@ -198,8 +197,8 @@ def _declare(name: str, model_from: str, description: str) -> Stage:
     )
 
 
-SFT_GENERAL = _declare("sft-general", BASE, "general instruction SFT on the base model")
-SFT_THINK = _declare("sft-think", "sft-general", "reasoning SFT with <think> traces")
+SFT_GENERAL = _declare("sft-general", "general instruction SFT on the base model")
+SFT_THINK = _declare("sft-think", "reasoning SFT with <think> traces")
 
 
 def main(argv: list[str] | None = None) -> None:

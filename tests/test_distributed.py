@@ -33,12 +33,13 @@ import torch
 import yaml
 
 from test_training_support import model_state, sft_config, write_dpo_dir, write_sft_dir
-from trlm.stages import data_prep, sft
+from trlm.stages import sft
+from trlm.stages.registry import PIPELINE
 from trlm.training.distributed import LaunchError, OutputBusy, accelerator_options, check_launch, exclusive_output
 
 TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS.parent / "trlm" / "accelerate_configs"
-SHORT = (data_prep.STAGE, sft.SFT_GENERAL)  # the flow test's pipeline: data-prep, then sft-general
+SHORT = PIPELINE[:2]  # the flow test's pipeline: data-prep, then sft-general
 STEPS, SAVE = 4, 2  # every run: 4 optimizer steps, checkpoints after steps 2 and 4
 WEIGHT_TOLERANCE = 2e-5
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from trlm.artifacts import atomic_directory, hash_directory, write_fingerprint
 from trlm.data_spec import RowError, load_data_spec, resolve_rows
 from trlm.recipe import Bool, MixtureConfig, Recipe, Strict, mixtures
-from trlm.stage import BASE, MODEL, Stage, StageContext
+from trlm.stage import Stage, StageContext
 
 DATA_ROOT_FILE = "data_root.json"  # where the data came from: the path and which setting won
 from trlm.stages.data_prep.chat_spans import IGNORE, TemplateError, control_tokens, describe_template, find_control_text, preference_texts, render, sft_spans, tokenize_with_mask
@@ -412,7 +412,6 @@ STAGE = Stage(
     name="data-prep",
     section="data_prep",
     config=DataPrepConfig,
-    inputs=lambda recipe: {"base": f"{BASE}:{MODEL}"},
     external_inputs=source_fingerprints,
     key_config=data_prep_config,
     hands_on="parts",
