@@ -30,7 +30,8 @@ from pydantic import Field
 from trlm.artifacts import write_fingerprint
 from trlm.eval.config import EvalConfig
 from trlm.eval.harness import evaluate_checkpoint
-from trlm.eval.report import headline_metrics, write_report
+from trlm.eval.render import write_report
+from trlm.eval.report import headline_metrics
 from trlm.eval.tasks import known_task_names
 from trlm.recipe import RecipeError, output_config
 from trlm.stage import BASE, MODEL, Stage, StageContext
