@@ -37,6 +37,7 @@ from typing import Any
 from trlm.eval.config import EvalConfig
 from trlm.eval.mirror import build_mirror, offline_datasets
 from trlm.eval.punkt import AFFECTED_IFEVAL_INSTRUCTIONS, ensure_punkt_tab
+from trlm.eval.quiet import no_git_probe, quiet
 from trlm.eval.results import baselines, full_split_majority, ifeval_inst_stderr, ifeval_instruction_counts, metric_table, pool_baselines, task_record
 from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS, first_items, indices_digest, leaf_tasks, load_task, task_manager
 
@@ -68,71 +69,6 @@ def _write_samples(path: Path, samples: dict[str, list[dict[str, Any]]]) -> None
         for task, rows in sorted(samples.items()):
             for row in rows:
                 f.write(json.dumps({"task": task, **row}, default=handle_non_serializable, ensure_ascii=False) + "\n")
-
-
-@contextlib.contextmanager
-def _quiet(progress: bool):
-    """Without progress: no progress bars (lm-eval's, datasets') and no lm-eval INFO chatter.
-
-    tqdm reads TQDM_DISABLE only when it is imported, so lm-eval's module-level `tqdm` names are
-    swapped for a silent subclass for the duration of the block.
-    """
-    if progress:
-        yield
-        return
-    import importlib
-
-    import tqdm as tqdm_mod
-
-    class _Silent(tqdm_mod.tqdm):
-        def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    patched = []
-    for name in ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.task", "lm_eval.evaluator"):
-        with contextlib.suppress(ImportError):
-            mod = importlib.import_module(name)
-            if getattr(mod, "tqdm", None) is tqdm_mod.tqdm:
-                patched.append(mod)
-                mod.tqdm = _Silent
-    lm_logger = logging.getLogger("lm_eval")
-    level = lm_logger.level
-    lm_logger.setLevel(logging.WARNING)
-    ds_bars = None
-    with contextlib.suppress(ImportError):
-        import datasets.utils.logging as ds_logging
-
-        ds_bars = ds_logging.is_progress_bar_enabled()
-        ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        lm_logger.setLevel(level)
-        for mod in patched:
-            mod.tqdm = tqdm_mod.tqdm
-        if ds_bars:
-            ds_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _no_git_probe():
-    """lm-eval runs `git describe` in the working directory to record *its* commit; skip that.
-
-    The working directory is the dataset mirror (not a repository), and lm-eval's version is recorded
-    from the installed distribution instead.
-    """
-    import lm_eval.evaluator as ev
-
-    saved = getattr(ev, "get_git_commit_hash", None)
-    if saved is None:
-        yield
-        return
-    ev.get_git_commit_hash = lambda: None
-    try:
-        yield
-    finally:
-        ev.get_git_commit_hash = saved
 
 
 @dataclass
@@ -346,7 +282,7 @@ def evaluate(
         run = _Run(lm=lm, tm=None, cfg=cfg, data_root=data_root, sample=getattr(cfg, "sample", None), gen_kwargs=gen_kwargs,
                    bootstrap_iters=100 if cfg.profile == "smoke" else 100000, notes=notes,
                    seeds={"random_seed": cfg.seed, "numpy_random_seed": cfg.seed, "torch_random_seed": cfg.seed, "fewshot_random_seed": cfg.seed})
-        with offline_datasets(mirror), _quiet(progress), _no_git_probe(), torch.no_grad():
+        with offline_datasets(mirror), quiet(progress), no_git_probe(), torch.no_grad():
             run.tm = task_manager()
             task_settings = {name: _evaluate_task(run, name) for name in tasks}
 
