@@ -11,8 +11,8 @@ Two users:
 Every import statement counts, including those inside functions and `if TYPE_CHECKING:` blocks: a
 lazily imported module shapes the stage's output as much as one imported at the top. Locating a
 submodule's file asks Python's import system (`importlib.util.find_spec`), which imports the parent
-packages; ours (`trlm`, `trlm.stages`, ...) are empty `__init__.py` files and are part of the
-closure too.
+packages; ours (`trlm`, `trlm.stages`, `trlm.stages.data_prep`, ...) are part of the closure too.
+Module names are hashed with their source (`source_hash`): moving a module makes its stages stale.
 """
 
 from __future__ import annotations
