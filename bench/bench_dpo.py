@@ -80,7 +80,9 @@ def write_our_data(pairs: list[dict], tokenizer, directory: Path) -> Path:
 
 def run_ours(model_dir: Path, data_dir: Path, n_pairs: int, batch: int, steps: int, max_length: int, work: Path) -> dict:
     import trlm.stages.dpo as dpo
-    from trlm.recipe import DPOStageConfig, MixtureConfig, TrainConfig
+    from trlm.recipe import MixtureConfig
+    from trlm.stages.dpo import DPOStageConfig
+    from trlm.training.config import TrainConfig
 
     cfg = DPOStageConfig(
         data=MixtureConfig(spec="bench", chat_template="-", max_length=max_length),

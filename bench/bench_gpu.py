@@ -113,7 +113,10 @@ def prepare_model(args, work: Path) -> tuple[Path, Path]:
 
 
 def run_variant(stage: str, variant: dict, *, model_dir: Path, tokenizer_dir: Path, config, args, work: Path, rng) -> dict:
-    from trlm.recipe import DPOStageConfig, MixtureConfig, SFTStageConfig, TrainConfig
+    from trlm.recipe import MixtureConfig
+    from trlm.stages.dpo import DPOStageConfig
+    from trlm.stages.sft import SFTStageConfig
+    from trlm.training.config import TrainConfig
 
     batch, maximum = 32, (4096 if stage == "sft" else 2048)
     steps = args.steps

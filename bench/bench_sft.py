@@ -58,7 +58,9 @@ def write_our_data(sequences: list[list[int]], tokenizer, directory: Path) -> Pa
 
 
 def run_ours(model_dir: Path, data_dir: Path, batch: int, steps: int, max_length: int, work: Path) -> dict:
-    from trlm.recipe import MixtureConfig, SFTStageConfig, TrainConfig
+    from trlm.recipe import MixtureConfig
+    from trlm.stages.sft import SFTStageConfig
+    from trlm.training.config import TrainConfig
     from trlm.stages.sft import train_sft
 
     cfg = SFTStageConfig(

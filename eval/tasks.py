@@ -33,6 +33,7 @@ from typing import Any
 from trlm.eval.mirror import BENCHMARKS, mirrored_splits
 
 log = logging.getLogger(__name__)
+_TASK_MANAGER = None
 
 # Smoke profile: a fixed, seeded subset, sized so that one 135M model's smoke evaluation of all 8
 # tasks stays near 2 minutes on a 2-core CPU (cost model from measured speeds: forward ~440 tokens/s,
@@ -149,7 +150,17 @@ def split_overrides_for(task_manager, name: str, data_root: Path) -> dict[str, l
 # --- loading ------------------------------------------------------------------------------------
 
 
-def _leaf_tasks(obj) -> list:
+def task_manager():
+    """One lm-eval TaskManager per process: indexing the built-in YAMLs takes several seconds."""
+    global _TASK_MANAGER
+    if _TASK_MANAGER is None:
+        from lm_eval.tasks import TaskManager
+
+        _TASK_MANAGER = TaskManager()
+    return _TASK_MANAGER
+
+
+def leaf_tasks(obj) -> list:
     from lm_eval.api.group import Group
 
     return obj.get_all_tasks() if isinstance(obj, Group) else [obj]
@@ -206,7 +217,7 @@ def load_task(task_manager, name: str, *, data_root: Path, profile: str, limit: 
         else:
             obj = loaded["tasks"][name]
 
-    leaves = _leaf_tasks(obj)
+    leaves = leaf_tasks(obj)
     if len(leaves) > 1 or name in GROUP_TASKS:
         plan.subtasks_total = len(leaves)
         k = SMOKE_SUBTASKS.get(name) if profile == "smoke" else None
@@ -218,7 +229,7 @@ def load_task(task_manager, name: str, *, data_root: Path, profile: str, limit: 
                 f"{name}: {profile} profile evaluates {len(chosen)} of {len(leaves)} subtasks, chosen with seed {seed}: "
                 + ", ".join(chosen)
             )
-        leaves = _leaf_tasks(obj)
+        leaves = leaf_tasks(obj)
 
     unit = "subtask" if len(leaves) > 1 else "task"
     samples: dict[str, list[int]] = {}

@@ -29,7 +29,7 @@ from typing import Callable
 from trlm.stage import Launch, Stage, StageContext
 
 TAIL_LINES = 200  # kept for the error message of a failed launch
-# An exception line of a stage process ("ValueError: ...", "trlm.stages.distributed.LaunchError: ..."),
+# An exception line of a stage process ("ValueError: ...", "trlm.training.distributed.LaunchError: ..."),
 # maybe behind torchrun's "[rank1]: " prefix, or argparse's "prog: error: ...".
 _ERROR = re.compile(r"^(?:\[(?:rank|default)\d+\]:\s*)?((?:[A-Za-z_][\w.]*(?:Error|Exception|Busy|Interrupt)|[\w.-]+: error): .+)$")
 _LAUNCHER_ERRORS = ("ChildFailedError", "SignalException")  # the launcher's own report, not the stage's

@@ -30,9 +30,9 @@ from prefect.runtime import flow_run
 from trlm.artifacts import mask_secrets, remove_leftovers
 from trlm.flows.launch import launch_command, launch_env, launch_plan, run_stage_process
 from trlm.flows.publish import publish
-from trlm.lineage import base_fingerprint, code_version, compute_key, short_hash, stage_config, stage_inputs
-from trlm.tracking import TAG_KIND, TAG_OWNER, TAG_RECIPE, Tracker, close_abandoned_runs, owner_tag, promote, register_model, setup_tracking
-from trlm.stage_runs import Work, run_stage, substep_runner
+from trlm.runs.lineage import base_fingerprint, code_version, compute_key, short_hash, stage_config, stage_inputs
+from trlm.runs.tracking import TAG_KIND, TAG_OWNER, TAG_RECIPE, Tracker, close_abandoned_runs, owner_tag, promote, register_model, setup_tracking
+from trlm.runs.runner import Work, run_stage, substep_runner
 from trlm.recipe import Recipe
 from trlm.stage import BASE, Stage, StageContext, final_model, split_ref
 from trlm.stages.registry import get_stage, load_recipe, stage_names
@@ -176,7 +176,7 @@ def pipeline(
     """Run the pipeline (or a part of it) for a recipe; returns each stage's outcome.
 
     `stages` names the list of stages as `module:attribute` (default: the TRLM pipeline)."""
-    from trlm.lineage import plan
+    from trlm.runs.lineage import plan
 
     logger = get_run_logger()
     ref = {"recipe": recipe, "overrides": list(overrides or []), "pipeline": stages}

@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from trlm.tracking import OUTPUT, Tracker
-from trlm.stage_runs import StageOutcome
+from trlm.runs.tracking import OUTPUT, Tracker
+from trlm.runs.runner import StageOutcome
 from trlm.servers import mlflow_ui_base
 from trlm.stage import Stage
 

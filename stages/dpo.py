@@ -1,56 +1,16 @@
 """Stage `dpo`: preference optimisation (DPO family; the published recipe: apo_zero, beta 0.1).
 
-What it does, top to bottom (`train_dpo`):
-
-1. If `out_dir/fingerprint.json` exists the stage is finished: return the saved summary.
-2. Load the data directory written by data-prep (`train.parquet` with `chosen_input_ids`,
-   `chosen_labels`, `rejected_input_ids`, `rejected_labels`, `prompt_length`; labels are -100 on
-   the shared prompt) and the starting model (`model_dir` = the stage-2 SFT checkpoint). Dropout is
-   disabled, so the policy at step 0 computes exactly the reference's log-probs.
-3. Reference log-probs: the reference is the FROZEN starting model. With `precompute_ref_logps`
-   (default) they are computed once, before training, for every pair, and stored in
-   `out_dir/reference_logps.pt` keyed by the data and model fingerprints (reused on resume), so
-   training needs the policy forward only and no second model in memory. Otherwise a frozen copy
-   of the starting model runs next to the policy (2x weights memory, +1 forward per step).
-4. The loop: each micro-batch of B pairs runs ONE forward pass over its 2B sequences (chosen and
-   rejected packed into one padding-free row, each prompt once, or a padded [2B, L] batch). The sequence log-prob is
-   the SUM of the completion tokens' log-probs (`chunked_sequence_logps`, no [B, T, V] logits);
-   for `ipo` the per-token AVERAGE. The loss is the mean over all pairs of the optimizer step
-   (micro-batches and processes). Gradients are clipped to `max_grad_norm` (0.2 in the recipe).
-   Every `logging_steps`: `on_log(metrics, step)` with loss, rewards/chosen, rewards/rejected,
-   rewards/accuracies (strict >), rewards/margins, logps/chosen, logps/rejected, grad_norm,
-   learning_rate, tokens_per_second, pairs_per_second, epoch. Checkpoints, and the stop on a
-   NaN/inf loss or gradient norm before the step is applied (`loop.NonFiniteError`), as in SFT.
-5. Write `out_dir/model/`, `metrics.json`, then `fingerprint.json` last; then delete
-   `checkpoints/` unless `keep_checkpoints`.
-
-Setup, resume, the logging window, checkpoints and the artifact are shared with SFT as plain
-functions (`stages/loop.py`); this file holds what is DPO's own: pair batches, the shared-prompt
-layout, the reference log-probs and the loop body.
-
-Trade-offs:
-* Precomputed reference log-probs cost one extra forward pass over the data up front (~1/3 of a
-  training step per pair) and save the reference model's memory and forward during training.
-  They are computed in the stage's precision; in bf16 the policy's step-0 log-probs match them only
-  to bf16 accuracy (batch composition changes the rounding), in fp32 to ~1e-6.
-* Chosen and rejected share one forward pass, and (`share_prompt`, default) their common prefix,
-  the prompt, is in the row once: TRL computes it once per side. On the smoke recipe's hh-rlhf
-  pairs that is 30% fewer tokens through every layer. The price: queries, keys and values are
-  gathered into the full sequences' layout inside each attention call (`shared_prefix_layout`),
-  and the attention itself still runs over the prompt once per side.
-* Dropout is off (TRL's `disable_dropout=True`); SmolLM2 has no dropout anyway.
-
-Several processes (DDP or FSDP2, `stages/distributed.py`): each process takes `batch_size` pairs of
-every global micro-batch; the loss is its mean over them and DDP/FSDP average over processes, so
-the step's loss is the mean over all its pairs. The reference log-probs are computed once: each
-process runs its contiguous share of the rows, the shares are gathered, rank 0 stores the table,
-and on resume rank 0 reads it and sends it to the others (no process recomputes everything, and no
-process needs to see rank 0's file system). The frozen reference copy (`precompute_ref_logps:
-false`) is sharded like the policy under FSDP.
+`train_dpo` starts from the sft-think model with dropout off. The reference is the frozen starting
+model; its log-probs are computed once before training (`precompute_ref_logps`, stored in `out_dir`
+and reused on resume), so training needs no second model. Each micro-batch runs one forward over
+chosen and rejected together, each prompt once (`share_prompt`); the loss is the mean over all pairs
+of the optimizer step. It writes `model/`, `metrics.json`, then `fingerprint.json` last. This file
+holds what is DPO's own (pair batches, the shared-prompt layout, the reference log-probs, the loop
+body); the rest is the training engine (`trlm/training/`). Step by step, trade-offs and
+measurements: docs/training.md.
 
 Usage:
-    python -m trlm.stages.dpo --recipe offline-smoke --stage dpo \
-        --model-dir SFT_THINK/model --data-dir DATA/dpo --out-dir OUT
+    python -m trlm.stages.dpo --recipe offline-smoke --stage dpo         --model-dir SFT_THINK/model --data-dir DATA/dpo --out-dir OUT
     torchrun --nproc-per-node 2 -m trlm.stages.dpo ...
     accelerate launch --config_file trlm/accelerate_configs/single_gpu.yaml -m trlm.stages.dpo ...
     accelerate launch --config_file trlm/accelerate_configs/multi_gpu.yaml  -m trlm.stages.dpo ...  # DDP
@@ -63,21 +23,23 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from trlm.artifacts import atomic_file, read_fingerprint
-from trlm.recipe import DPOStageConfig
+from trlm.recipe import Bool, MixtureConfig, NoBool, PositiveFloat, Strict
 from trlm.stage import MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
-from trlm.stages.attention import install_head_forward
-from trlm.stages.batching import Ragged, collate, micro_batch_rows, to_device, unpack_rows
-from trlm.stages.checkpoints import finished_summary
-from trlm.stages.distributed import gradient_sync, one_writer, shard_model
-from trlm.stages.entry import stage_main
-from trlm.stages.losses import IGNORE_INDEX, chunked_sequence_logps, dpo_loss, dpo_metrics
-from trlm.stages.loop import (
+from trlm.training.attention import install_head_forward
+from trlm.training.batching import Ragged, collate, micro_batch_rows, to_device, unpack_rows
+from trlm.training.checkpoints import finished_summary
+from trlm.training.config import TrainConfig
+from trlm.training.distributed import gradient_sync, one_writer, shard_model
+from trlm.training.entry import stage_main
+from trlm.training.losses import DPO_LOSS_TYPES, IGNORE_INDEX, LABEL_SMOOTHING_LOSSES, chunked_sequence_logps, dpo_loss, dpo_metrics
+from trlm.training.loop import (
     LogWindow,
     OnLog,
     due,
@@ -90,11 +52,34 @@ from trlm.stages.loop import (
     save_if_due,
     setup_training,
 )
-from trlm.stages.modeling import disable_dropout
+from trlm.training.modeling import disable_dropout
 
 COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
 REFERENCE_FILE = "reference_logps.pt"
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+class DPOStageConfig(Strict):
+    data: MixtureConfig
+    train: TrainConfig
+    loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"
+    beta: PositiveFloat = 0.1
+    label_smoothing: Annotated[float, NoBool, Field(ge=0, lt=0.5)] = 0.0
+    precompute_ref_logps: Bool = Field(True, description="compute reference log-probs once before training")
+    share_prompt: Bool = Field(
+        True,
+        description="run each pair's common prefix (the prompt) once, not once per side; exact. Applies where "
+        "train.padding_free and attn_implementation packed_sdpa; the stage summary says whether it was used",
+    )
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "DPOStageConfig":
+        mpl = self.data.max_prompt_length
+        if mpl is not None and mpl >= self.data.max_length:
+            raise ValueError(f"data.max_prompt_length ({mpl}) must be smaller than data.max_length ({self.data.max_length})")
+        if self.label_smoothing and self.loss_type not in LABEL_SMOOTHING_LOSSES:
+            raise ValueError(f"label_smoothing is only used by loss_type {' or '.join(LABEL_SMOOTHING_LOSSES)}, not {self.loss_type!r}")
+        return self
 
 
 def pair_batch(data: dict[str, Ragged], rows, *, padding_free: bool, pad_id: int, share_prompt: bool = False) -> dict:
@@ -336,7 +321,6 @@ STAGE = Stage(
     name="dpo",
     section="dpo",
     config=DPOStageConfig,
-    inputs=lambda recipe: {"model": f"sft-think:{MODEL}", "data": "data-prep:dpo"},
     key_config=section_without_mixture("dpo"),
     check=training_check("dpo", "preference"),
     hands_on=MODEL,

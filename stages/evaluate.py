@@ -28,10 +28,12 @@ from typing import Callable
 from pydantic import Field
 
 from trlm.artifacts import write_fingerprint
+from trlm.eval.config import EvalConfig
 from trlm.eval.harness import evaluate_checkpoint
-from trlm.eval.report import headline_metrics, write_report
+from trlm.eval.render import write_report
+from trlm.eval.report import headline_metrics
 from trlm.eval.tasks import known_task_names
-from trlm.recipe import EvalConfig, RecipeError, output_config
+from trlm.recipe import RecipeError, output_config
 from trlm.stage import BASE, MODEL, Stage, StageContext
 
 RESULTS = "results.json"
@@ -42,10 +44,6 @@ class EvalStageConfig(EvalConfig):
 
     models: list[str] = Field(default_factory=lambda: [BASE, "sft-general", "sft-think", "dpo"],
                               description="base and/or training stages, in report column order")
-
-
-def _inputs(recipe) -> dict[str, str]:
-    return {model: f"{model}:{MODEL}" for model in recipe.eval.models}
 
 
 def _harness_settings(cfg: EvalStageConfig) -> dict:
@@ -111,7 +109,6 @@ STAGE = Stage(
     name="eval",
     section="eval",
     config=EvalStageConfig,
-    inputs=_inputs,
     run=run,
     check=check,
     headline=headline,

@@ -1,14 +1,19 @@
-"""The pipeline: its stages in order, and loading a recipe against them.
+"""The pipeline: its stages in order, what each consumes, and loading a recipe against them.
 
     from trlm.stages.registry import PIPELINE, load_recipe
     recipe = load_recipe("offline-smoke", ["dpo.beta=0.2"])
 
-Adding a stage is one module in `stages/` that declares `STAGE = Stage(...)` (see `trlm/stage.py`
-and `stages/README.md`) and one entry here. The lineage, the flow and the CLI take the pipeline as
-a value, so a test (or a user's own project) can run another list of stages through them.
+This is the pipeline's DAG, in one place. A stage module says what its stage does (`STAGE =
+Stage(...)`, see `trlm/stage.py` and `stages/README.md`); the entry here says what it consumes:
+`{local name: "stage:part"}`, where `base:model` is the base checkpoint and `data-prep:<stage>`
+the prepared mixture of that stage. The lineage, the flow and the CLI take the pipeline as a value,
+so a test (or a user's own project) can run another list of stages through them.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable, Mapping
 
 from trlm.base_model import resolve_source
 from trlm.recipe import Recipe, RecipeError
@@ -16,7 +21,19 @@ from trlm.recipe import load_recipe as _load_recipe
 from trlm.stage import BASE, MODEL, Stage, split_ref
 from trlm.stages import data_prep, dpo, evaluate, sft
 
-PIPELINE: tuple[Stage, ...] = (data_prep.STAGE, sft.SFT_GENERAL, sft.SFT_THINK, dpo.STAGE, evaluate.STAGE)
+
+def consumes(stage: Stage, inputs: Mapping[str, str] | Callable[[Any], Mapping[str, str]]) -> Stage:
+    """`stage` with its inputs: a fixed mapping, or a function of the recipe."""
+    return replace(stage, inputs=inputs if callable(inputs) else lambda recipe: dict(inputs))
+
+
+PIPELINE: tuple[Stage, ...] = (
+    consumes(data_prep.STAGE, {"base": "base:model"}),
+    consumes(sft.SFT_GENERAL, {"model": "base:model", "data": "data-prep:sft-general"}),
+    consumes(sft.SFT_THINK, {"model": "sft-general:model", "data": "data-prep:sft-think"}),
+    consumes(dpo.STAGE, {"model": "sft-think:model", "data": "data-prep:dpo"}),
+    consumes(evaluate.STAGE, lambda recipe: {model: f"{model}:{MODEL}" for model in recipe.eval.models}),  # eval.models
+)
 
 
 def sections(pipeline: tuple[Stage, ...] = PIPELINE) -> tuple[tuple[str, type], ...]:

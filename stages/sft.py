@@ -1,58 +1,15 @@
-"""Stages `sft-general` and `sft-think`: supervised fine-tuning on a tokenized data directory.
+"""Stages `sft-general` and `sft-think`: supervised fine-tuning on data-prep's tokenized mixture.
 
-What it does, top to bottom (`train_sft`):
-
-1. If `out_dir/fingerprint.json` exists the stage is finished: return the saved summary.
-2. Load the data directory written by data-prep (`train.parquet` with `input_ids`/`labels`,
-   `tokenizer/`) and the starting model (`model_dir`, a standard HF checkpoint).
-3. If the tokenizer has tokens the model lacks (`<think>`, `</think>` in stage 2), grow the tied
-   embedding once, each new row = the mean of its text pieces' rows (`modeling.resize_for_tokenizer`).
-   eos = pad = `<|im_end|>`.
-4. AdamW (no decay on biases/norm gains), warmup + constant/linear/cosine/cosine_with_min_lr,
-   optional gradient checkpointing and NEFTune (training forward passes only).
-5. Resume from the newest complete checkpoint in `out_dir/checkpoints/` if there is one.
-6. The loop: each optimizer step takes `grad_accum_steps` micro-batches of `batch_size` sequences
-   per process. The loss is the per-token NLL (or DFT) SUMMED over the step's micro-batches and
-   processes and divided by the number of target tokens of the WHOLE step, so batch 8 x accum 1
-   and batch 1 x accum 8 give the same gradient. The logits are never materialised: the backbone
-   gives hidden states and `chunked_sft_loss_sum` projects only target positions, in fp32 chunks.
-   Gradients are clipped to `max_grad_norm`. A NaN or infinite loss or gradient norm stops the
-   stage (`loop.NonFiniteError`: the step, the last good checkpoint) before the step is applied:
-   nothing broken is exported or handed on. Every `logging_steps`: `on_log(metrics, step)` with
-   loss, mean_token_accuracy, grad_norm, learning_rate, tokens_per_second, epoch. Every
-   `save_steps` and at the end: an atomic checkpoint (model, optimizer, scheduler, RNG, data
-   position).
-7. Write `out_dir/model/` (HF safetensors + tokenizer + generation config), `metrics.json`, then
-   `fingerprint.json` last; then delete `checkpoints/` unless `keep_checkpoints`.
-
-Setup, resume, the logging window, checkpoints and the artifact are shared with DPO as plain
-functions (`stages/loop.py`); this file holds what is SFT's own: NEFTune and the loop body.
-
-Trade-offs:
-* Padding-free batching (default) packs a micro-batch into one row: no compute on padding, the
-  same loss as a padded batch (tested to 1e-5 in fp32). The default attention kernel
-  (`attention.packed_sdpa_attention`) attends within each document only: varlen flash attention on
-  a GPU, one SDPA call per document on a CPU. transformers' `sdpa` would compute every
-  cross-document block of a dense [T, T] mask (28% of the CPU step time at batch 8 x ~226 tokens).
-* `compile: true` compiles each layer's norms and MLP: +26% tokens/s on an H100 (97k -> 123k at
-  32 x 4,096 tokens). Off by default: compiling costs time up front, and its gain was only measured
-  on the GPU; the published recipe turns it on.
-* The loss is a token mean over the whole optimizer step (the transformers >= 4.46 rule the
-  published run used), not a mean of per-sequence means: long sequences weigh more.
-* Resume is exact (bit-identical on CPU in fp32: same data order, RNG, optimizer state).
-* `bf16-pure` halves memory and follows the published run, at the cost of rounding small updates.
-
-Several processes (`stages/distributed.py`): `train.distributed` ddp or fsdp (FSDP2), the same
-results as one process with the same global batch (tested: loss and gradient norm to 1e-5).
-`batch_size` is per process: the global batch is batch_size x grad_accum_steps x processes, and
-each process takes its own rows of every global micro-batch (`batching.micro_batch_rows`). The
-target-token count of a step is summed over processes before dividing, so the loss stays a token
-mean over the whole global step. Rank 0 alone writes `model/`, `metrics.json`, `fingerprint.json`;
-every process writes its RNG state (and under FSDP its shards) into each checkpoint.
+`train_sft` starts from the previous stage's model, grows the tied embedding for tokens it lacks
+(`<think>`, `</think>`), and trains with AdamW. The loss is a token mean over the whole optimizer step
+(micro-batches and processes), so batch 8 x accum 1 and batch 1 x accum 8 give the same gradient; the
+logits are never materialised. A non-finite loss or gradient stops the stage before the step is
+applied; checkpoints are atomic and resume is exact. It writes `model/`, `metrics.json`, then
+`fingerprint.json` last. This file holds what is SFT's own (NEFTune, the loop body); the rest is the
+training engine (`trlm/training/`). Step by step, trade-offs and measurements: docs/training.md.
 
 Usage:
-    python -m trlm.stages.sft --recipe offline-smoke --stage sft-think \
-        --model-dir MODEL --data-dir DATA/sft-think --out-dir OUT
+    python -m trlm.stages.sft --recipe offline-smoke --stage sft-think         --model-dir MODEL --data-dir DATA/sft-think --out-dir OUT
     python -m trlm.stages.sft --config sft.yaml --model-dir ... --data-dir ... --out-dir ...
     torchrun --nproc-per-node 2 -m trlm.stages.sft ...             # 2 processes (GPUs, or CPU with gloo)
     # or accelerate (configs in trlm/accelerate_configs/):
@@ -66,15 +23,17 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
-from trlm.recipe import SFTStageConfig
-from trlm.stage import BASE, MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
-from trlm.stages.batching import collate, micro_batch_rows, to_device
-from trlm.stages.checkpoints import finished_summary
-from trlm.stages.distributed import gradient_sync, one_writer
-from trlm.stages.entry import stage_main
-from trlm.stages.losses import attach_neftune, chunked_sft_loss_sum, count_target_tokens
-from trlm.stages.loop import (
+from trlm.recipe import MixtureConfig, NonNegativeFloat, Strict, section_name
+from trlm.stage import MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
+from trlm.training.batching import collate, micro_batch_rows, to_device
+from trlm.training.checkpoints import finished_summary
+from trlm.training.config import TrainConfig
+from trlm.training.distributed import gradient_sync, one_writer
+from trlm.training.entry import stage_main
+from trlm.training.losses import SFT_LOSS_TYPES, attach_neftune, chunked_sft_loss_sum, count_target_tokens
+from trlm.training.loop import (
     LogWindow,
     OnLog,
     due,
@@ -88,6 +47,13 @@ from trlm.stages.loop import (
     save_if_due,
     setup_training,
 )
+
+
+class SFTStageConfig(Strict):
+    data: MixtureConfig
+    train: TrainConfig
+    loss_type: Literal[SFT_LOSS_TYPES] = "nll"
+    neftune_alpha: NonNegativeFloat | None = None
 
 
 @one_writer  # the writing process holds a lock on out_dir for the whole call (distributed.py)
@@ -171,13 +137,12 @@ def _run(ctx: StageContext) -> dict:
     return train_sft(ctx.config, model_dir=ctx.inputs["model"], data_dir=ctx.inputs["data"], out_dir=ctx.out, on_log=ctx.on_log)
 
 
-def _declare(name: str, model_from: str, description: str) -> Stage:
-    section = name.replace("-", "_")
+def _declare(name: str, description: str) -> Stage:
+    section = section_name(name)
     return Stage(
         name=name,
         section=section,
         config=SFTStageConfig,
-        inputs=lambda recipe: {"model": f"{model_from}:{MODEL}", "data": f"data-prep:{name}"},
         key_config=section_without_mixture(section),
         check=training_check(section, "sft"),
         hands_on=MODEL,
@@ -189,8 +154,8 @@ def _declare(name: str, model_from: str, description: str) -> Stage:
     )
 
 
-SFT_GENERAL = _declare("sft-general", BASE, "general instruction SFT on the base model")
-SFT_THINK = _declare("sft-think", "sft-general", "reasoning SFT with <think> traces")
+SFT_GENERAL = _declare("sft-general", "general instruction SFT on the base model")
+SFT_THINK = _declare("sft-think", "reasoning SFT with <think> traces")
 
 
 def main(argv: list[str] | None = None) -> None:

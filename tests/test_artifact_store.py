@@ -22,12 +22,12 @@ import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
 from servers import count_downloads, mlflow_server
-from trlm.artifact_store import UploadError, listed_sizes
+from trlm.runs.artifact_store import UploadError, listed_sizes
 from trlm.artifacts import hash_directory, write_fingerprint
-from trlm.lineage import code_version
-from trlm.stage_runs import Work, run_stage
+from trlm.runs.lineage import code_version
+from trlm.runs.runner import Work, run_stage
 from trlm.stages.registry import PIPELINE
-from trlm.tracking import OUTPUT, Tracker
+from trlm.runs.tracking import OUTPUT, Tracker
 
 FILES = {"model/model.safetensors": b"w" * 300_000, "model/config.json": b"{}", "model/tokenizer.json": b"t" * 1000,
          "metrics.json": b"[]", "results.json": b'{"loss": 1.0}'}
@@ -154,7 +154,7 @@ KILLED_DOWNLOAD = """
 import os, signal, sys
 from pathlib import Path
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
-from trlm.tracking import Tracker
+from trlm.runs.tracking import Tracker
 real = HttpArtifactRepository._download_file
 done = []
 def _download_file(self, remote_file_path, local_path):

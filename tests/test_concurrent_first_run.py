@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(r'''
     import trlm.base_model as bm
     from trlm.eval.mirror import build_mirror
     from trlm.eval.punkt import ensure_punkt_tab
-    from trlm.tracking import Tracker
+    from trlm.runs.tracking import Tracker
     from trlm.recipe import BaseModelConfig
     import transformers, mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (imports outside the race)
 

@@ -634,7 +634,7 @@ def test_resolve_rows_keeps_origin_and_errors(tmp_path):
 
 
 def _data_prep_key(recipe) -> tuple[dict, str]:
-    from trlm.lineage import base_fingerprint, compute_key, stage_inputs
+    from trlm.runs.lineage import base_fingerprint, compute_key, stage_inputs
 
     inputs = stage_inputs(recipe, get_stage("data-prep"), {}, base_fingerprint(recipe))
     return inputs, compute_key(recipe, get_stage("data-prep"), inputs)
@@ -689,7 +689,7 @@ def test_one_changed_row_changes_only_its_mixture(prepared, smoke, tiny_model_di
 def test_data_prep_key_is_stable_across_processes(smoke, tiny_model_dir, spec_paths, slices_root):
     _, key = _data_prep_key(smoke)
     code = (
-        "import sys; from trlm.stages.registry import get_stage, load_recipe; from trlm.lineage import base_fingerprint, compute_key, stage_inputs; "
+        "import sys; from trlm.stages.registry import get_stage, load_recipe; from trlm.runs.lineage import base_fingerprint, compute_key, stage_inputs; "
         "r = load_recipe('offline-smoke', overrides=sys.argv[1:]); "
         "s = get_stage('data-prep'); print(compute_key(r, s, stage_inputs(r, s, {}, base_fingerprint(r))))"
     )
@@ -715,9 +715,9 @@ def test_status_done_then_stale(tmp_path, monkeypatch, tiny_model_dir, spec_path
     from typer.testing import CliRunner
 
     from trlm.cli import app
-    from trlm.lineage import base_fingerprint, code_version, compute_key, stage_config, stage_inputs
-    from trlm.tracking import setup_tracking
-    from trlm.stage_runs import Work, run_stage
+    from trlm.runs.lineage import base_fingerprint, code_version, compute_key, stage_config, stage_inputs
+    from trlm.runs.tracking import setup_tracking
+    from trlm.runs.runner import Work, run_stage
 
     root = tmp_path / "data"
     shutil.copytree(slices_root, root)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from trlm.stages.decontamination import check_overlap, normalize
+from trlm.stages.data_prep.decontamination import check_overlap, normalize
 
 
 def _row(path, i):

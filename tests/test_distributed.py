@@ -1,4 +1,4 @@
-"""Training in several processes (`stages/distributed.py`): DDP and FSDP2 checked against one process.
+"""Training in several processes (`trlm/training/distributed.py`): DDP and FSDP2 checked against one process.
 
 On the tiny model, CPU, gloo, 2 processes:
 * 2 processes x batch b == 1 process x batch 2b, for SFT and DPO, in DDP and in FSDP2: the same
@@ -33,12 +33,13 @@ import torch
 import yaml
 
 from test_training_support import model_state, sft_config, write_dpo_dir, write_sft_dir
-from trlm.stages import data_prep, sft
-from trlm.stages.distributed import LaunchError, OutputBusy, accelerator_options, check_launch, exclusive_output
+from trlm.stages import sft
+from trlm.stages.registry import PIPELINE
+from trlm.training.distributed import LaunchError, OutputBusy, accelerator_options, check_launch, exclusive_output
 
 TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS.parent / "trlm" / "accelerate_configs"
-SHORT = (data_prep.STAGE, sft.SFT_GENERAL)  # the flow test's pipeline: data-prep, then sft-general
+SHORT = PIPELINE[:2]  # the flow test's pipeline: data-prep, then sft-general
 STEPS, SAVE = 4, 2  # every run: 4 optimizer steps, checkpoints after steps 2 and 4
 WEIGHT_TOLERANCE = 2e-5
 
@@ -196,7 +197,7 @@ def test_flow_runs_a_stage_in_two_processes(prefect_env, tiny_model_dir, shared_
 
     from trlm.flows.pipeline import pipeline
     from trlm.stages.registry import load_recipe
-    from trlm.tracking import setup_tracking
+    from trlm.runs.tracking import setup_tracking
 
     recipe = write_tiny_recipe(tmp_path, tiny_model_dir, shared_data)
     content = yaml.safe_load(recipe.read_text())
@@ -222,7 +223,7 @@ def test_a_failed_rank_fails_the_launch_with_the_stage_error(data, tmp_path):
     assert cmd[2] == "accelerate.commands.launch" and cmd[cmd.index("--num_processes") + 1] == "2"
     with exclusive_output(ctx.out), pytest.raises(RuntimeError) as info:
         run_stage_process(cmd, ctx.out, ctx.on_log, lambda line: None, env=launch_env(2))
-    assert str(info.value).startswith("trlm.stages.distributed.OutputBusy: ")
+    assert str(info.value).startswith("trlm.training.distributed.OutputBusy: ")
     assert "is being written by another process" in str(info.value).splitlines()[0]
     assert not (ctx.out / "checkpoints").exists()
 
@@ -231,7 +232,7 @@ def test_a_failed_rank_fails_the_launch_with_the_stage_error(data, tmp_path):
 
 
 def test_fsdp_or_a_wrong_process_count_in_one_process_is_refused(data, tmp_path, monkeypatch):
-    from trlm.stages import loop
+    from trlm.training import loop
 
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     cases = {"fsdp, which shards the model over processes, but only 1 process": {"distributed": "fsdp"},

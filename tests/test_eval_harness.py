@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from trlm.eval.tasks import SMOKE_SUBTASKS
-from trlm.recipe import EvalConfig
+from trlm.eval.config import EvalConfig
 
 TASKS = ["arc_challenge", "piqa", "gsm8k", "ifeval", "mmlu"]
 LIMIT = 3
@@ -153,11 +153,11 @@ def test_evaluate_checkpoint_reads_or_computes_the_fingerprint(tiny_model_dir, s
 
 def test_limit_is_lm_evals_first_n_and_sample_a_seeded_subset(shared_data, tmp_path):
     """`limit` N = lm-eval's `--limit N` (the first N items); `sample` N = a seeded subset. No model runs."""
-    from trlm.eval.harness import _task_manager
+    from trlm.eval.tasks import task_manager
     from trlm.eval.mirror import build_mirror, offline_datasets
     from trlm.eval.tasks import TaskPlanError, choose_items, load_task
 
-    tm = _task_manager()
+    tm = task_manager()
     with offline_datasets(build_mirror(shared_data, tmp_path, ["allenai/ai2_arc", "cais/mmlu"])):
         for profile in ("full", "smoke"):
             _, plan, samples = load_task(tm, "arc_challenge", data_root=shared_data, profile=profile, limit=5, seed=1)

@@ -63,10 +63,10 @@ def test_each_benchmark_loads_offline_by_hub_id(mirror, hub_id, config, splits, 
 
 
 def test_standard_lm_eval_tasks_resolve_to_the_mirror(mirror, shared_data):
-    from trlm.eval.harness import _task_manager
+    from trlm.eval.tasks import task_manager
     from trlm.eval.tasks import load_task
 
-    tm = _task_manager()
+    tm = task_manager()
     with offline_datasets(mirror):
         loaded = tm.load(["arc_challenge", "gsm8k", "ifeval"])
         arc = loaded["tasks"]["arc_challenge"]

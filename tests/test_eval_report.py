@@ -6,7 +6,8 @@ import copy
 
 import pytest
 
-from trlm.eval.report import build_report, headline_metrics, write_report
+from trlm.eval.render import write_report
+from trlm.eval.report import build_report, headline_metrics
 
 
 def _task(version, nshot, gen=None, indices="abc123", n_total=100):

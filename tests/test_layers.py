@@ -1,10 +1,14 @@
 """The package's layers, read from its source with `ast`: no cycles, no import against the layers.
 
-    core (recipe, artifacts, data_spec, base_model, stage, import_graph, lineage, ...)
-      <- eval (stands alone: core only)
-      <- stages (core and eval; never lineage, flows, the CLI, Prefect or MLflow)
-      <- flows (orchestration: everything but the CLI)
-      <- cli
+    ground    trlm/{recipe,stage,artifacts,data_spec,base_model}.py, the recipes and data specs
+      <- training  trlm/training/: the engine both trainers share
+      <- stages    stages/: the stages and the registry (ground, engine and eval; never the run
+                   bookkeeping, the flows, the CLI, Prefect or MLflow)
+      <- runs      trlm/runs/: lineage, stage runs, tracking, artifact store, import graph
+      <- flows     flows/: orchestration
+      <- cli       trlm/cli.py
+    eval/ stands alone (ground only); trlm/{servers,process_setup}.py (host) too, under the run
+    bookkeeping (which asks servers.py whether the tracking server is the work dir's own), flows and the CLI.
 """
 
 from __future__ import annotations
@@ -13,30 +17,51 @@ import ast
 
 import pytest
 
-from trlm.import_graph import direct_imports, import_closure, module_file, package_modules
+from trlm.runs.import_graph import direct_imports, import_closure, module_file, package_modules
 
 MODULES = package_modules()
 
 
+LAYERS = (
+    ("trlm.training", "training"),
+    ("trlm.stages", "stages"),
+    ("trlm.runs", "runs"),
+    ("trlm.flows", "flows"),
+    ("trlm.eval", "eval"),
+    ("trlm.servers", "host"),
+    ("trlm.process_setup", "host"),
+    ("trlm.cli", "cli"),
+)
+
+
 def layer(module: str) -> str:
-    for prefix, name in (("trlm.stages", "stages"), ("trlm.flows", "flows"), ("trlm.eval", "eval"), ("trlm.cli", "cli")):
+    for prefix, name in LAYERS:
         if module == prefix or module.startswith(prefix + "."):
             return name
-    return "core"
+    return "ground"
 
 
 ALLOWED = {
-    "core": {"core"},
-    "eval": {"core", "eval"},
-    "stages": {"core", "eval", "stages"},
-    "flows": {"core", "eval", "stages", "flows"},
-    "cli": {"core", "eval", "stages", "flows", "cli"},
+    "ground": {"ground"},
+    "training": {"ground", "training"},
+    "eval": {"ground", "eval"},
+    "host": {"ground", "host"},
+    "stages": {"ground", "training", "eval", "stages"},
+    "runs": {"ground", "training", "eval", "stages", "host", "runs"},
+    "flows": {"ground", "training", "eval", "stages", "runs", "host", "flows"},
+    "cli": {"ground", "training", "eval", "stages", "runs", "host", "flows", "cli"},
 }
-PACKAGES = {"trlm", "trlm.stages", "trlm.flows", "trlm.eval", "trlm.recipes", "trlm.data_specs"}
+PACKAGES = {"trlm", "trlm.training", "trlm.runs", "trlm.stages", "trlm.flows", "trlm.eval", "trlm.recipes", "trlm.data_specs"}
+GROUND = ("trlm.recipe", "trlm.stage", "trlm.artifacts", "trlm.data_spec", "trlm.base_model")
 
 
 def test_the_package_is_found_from_source():
-    assert {"trlm.recipe", "trlm.lineage", "trlm.stages.sft", "trlm.flows.pipeline", "trlm.eval.harness", "trlm.cli"} <= set(MODULES)
+    assert {"trlm.recipe", "trlm.training.loop", "trlm.runs.lineage", "trlm.stages.sft", "trlm.stages.data_prep.chat_spans",
+            "trlm.flows.pipeline", "trlm.eval.harness", "trlm.cli"} <= set(MODULES)
+
+
+def test_every_module_has_a_layer_and_the_ground_is_small():
+    assert sorted(m for m in MODULES if layer(m) == "ground" and m not in PACKAGES) == sorted(GROUND)
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -45,8 +70,8 @@ def test_imports_follow_the_layers(module):
     assert not wrong, f"{module} ({layer(module)}) imports {wrong}, against the layers"
 
 
-def test_core_imports_no_stage_and_lineage_no_stage_module():
-    for module in ("trlm.recipe", "trlm.artifacts", "trlm.data_spec", "trlm.base_model", "trlm.lineage", "trlm.stage"):
+def test_the_ground_and_the_lineage_import_no_stage_module():
+    for module in (*GROUND, "trlm.runs.lineage"):
         assert not [m for m in import_closure(module) if m.startswith("trlm.stages.") or m.startswith("trlm.flows.")], module
 
 
@@ -61,8 +86,8 @@ def _third_party(module: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if layer(m) in ("stages", "eval")])
-def test_stages_and_eval_never_import_prefect_or_mlflow(module):
+@pytest.mark.parametrize("module", [m for m in MODULES if layer(m) in ("ground", "training", "stages", "eval")])
+def test_stages_and_what_they_import_never_import_prefect_or_mlflow(module):
     assert not _third_party(module) & {"prefect", "mlflow"}, module
 
 
@@ -92,7 +117,7 @@ def test_the_cycle_detector_sees_a_function_local_import(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import trlm.import_graph as graph
+    import trlm.runs.import_graph as graph
 
     monkeypatch.setattr(graph, "PACKAGE", "trlm_probe")
     (pkg / "a.py").write_text("import trlm_probe.b\n")

@@ -1,4 +1,4 @@
-"""Tests for `trlm.stages.losses`: every loss against hand-computed values, on tiny tensors.
+"""Tests for `trlm.training.losses`: every loss against hand-computed values, on tiny tensors.
 
 Reading order: log-probs and masking -> SFT losses and the gradient-accumulation rule -> chunked
 variants -> DPO losses and metrics -> NEFTune. Everything runs on CPU in well under a second.
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from trlm.stages.losses import (
+from trlm.training.losses import (
     DPO_LOSS_TYPES,
     LABEL_SMOOTHING_LOSSES,
     attach_neftune,

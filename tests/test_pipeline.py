@@ -35,8 +35,8 @@ sources:
 
 def _work():
     """A unit of tracked work for the lineage tests (the code version is that of a real stage)."""
-    from trlm.lineage import code_version
-    from trlm.stage_runs import Work
+    from trlm.runs.lineage import code_version
+    from trlm.runs.runner import Work
 
     return Work("eval:test", "k" * 64, {"model": "m"}, {}, code_version(PIPELINE[0]))
 
@@ -74,7 +74,7 @@ def tiny_recipe(tmp_path_factory, tiny_model_dir, shared_data) -> Path:
 
 
 def _stage_runs(recipe_path: Path):
-    from trlm.tracking import TAG_KIND, setup_tracking
+    from trlm.runs.tracking import TAG_KIND, setup_tracking
 
     tracker = setup_tracking(load_recipe(str(recipe_path)))
     runs = tracker.client.search_runs([tracker.experiment_id], max_results=500)
@@ -100,7 +100,7 @@ def test_full_flow_runs_every_stage(first_run, tiny_recipe):
 
 
 def test_mlflow_lineage(first_run, tiny_recipe):
-    from trlm.tracking import TAG_KEY, TAG_KIND
+    from trlm.runs.tracking import TAG_KEY, TAG_KIND
 
     tracker, runs, stage_runs = _stage_runs(tiny_recipe)
     parents = [r for r in runs if r.data.tags.get(TAG_KIND) == "pipeline"]
@@ -139,7 +139,7 @@ def test_status_says_why_a_stage_is_stale(first_run, tiny_recipe, monkeypatch):
     only eval; a config change names the key. Simulated by changing that module's source hash."""
     from typer.testing import CliRunner
 
-    import trlm.lineage as lineage  # code versions are computed there
+    import trlm.runs.lineage as lineage  # code versions are computed there
     from trlm.cli import app
 
     real = lineage.source_hash
@@ -204,7 +204,7 @@ def test_forced_rerun_reproduces_and_keeps_downstream_cached(first_run, tiny_rec
     from typer.testing import CliRunner
 
     from trlm.cli import app
-    from trlm.tracking import TAG_REPRODUCED, TAG_RERUN_OF
+    from trlm.runs.tracking import TAG_REPRODUCED, TAG_RERUN_OF
 
     _, _, before = _stage_runs(tiny_recipe)
     result = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--force", "sft-think"])
@@ -226,7 +226,7 @@ def test_forced_rerun_reproduces_and_keeps_downstream_cached(first_run, tiny_rec
 
 def test_cache_key_is_stable_across_processes(first_run, tiny_recipe):
     code = (
-        "import json,sys; from trlm.stages.registry import PIPELINE, load_recipe; from trlm.lineage import plan; from trlm.tracking import setup_tracking;"
+        "import json,sys; from trlm.stages.registry import PIPELINE, load_recipe; from trlm.runs.lineage import plan; from trlm.runs.tracking import setup_tracking;"
         f"r=load_recipe({str(tiny_recipe)!r}); print(json.dumps([p.key for p in plan(r, setup_tracking(r), PIPELINE)]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -249,8 +249,8 @@ def test_only_dpo_without_upstream_fails_clearly(tmp_path, tiny_model_dir, share
 def test_resumed_stage_run_does_not_log_replayed_steps_twice(tiny_recipe, tmp_path):
     """A killed stage resumes from its last checkpoint and replays the steps after it; MLflow keeps
     one point per step (the first), and the resumed run finishes in the same MLflow run."""
-    from trlm.tracking import Tracker
-    from trlm.stage_runs import run_stage
+    from trlm.runs.tracking import Tracker
+    from trlm.runs.runner import run_stage
 
     recipe = load_recipe(str(tiny_recipe))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume-test", tmp_path)
@@ -282,8 +282,8 @@ def test_resumed_stage_run_does_not_log_replayed_steps_twice(tiny_recipe, tmp_pa
 def test_a_stage_already_executing_elsewhere_is_not_entered(tiny_recipe, tmp_path):
     """Two processes on one work dir (a nightly run overlapping a manual one) must not resume the
     same stage run into the same directory at once: the second stops with a clear error."""
-    from trlm.tracking import Tracker
-    from trlm.stage_runs import StageBusy, run_stage, stage_lock
+    from trlm.runs.tracking import Tracker
+    from trlm.runs.runner import StageBusy, run_stage, stage_lock
 
     recipe = load_recipe(str(tiny_recipe))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "lock-test", tmp_path)
@@ -297,7 +297,7 @@ def test_a_stage_already_executing_elsewhere_is_not_entered(tiny_recipe, tmp_pat
         return {}
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from trlm.stage_runs import stage_lock\n"
+        "import sys, time; from pathlib import Path; from trlm.runs.runner import stage_lock\n"
         f"with stage_lock(Path({str(tmp_path)!r}), 'eval:test', {'k' * 64!r}):\n"
         "    print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:

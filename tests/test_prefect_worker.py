@@ -112,7 +112,7 @@ def _run(name: str, parameters: dict, timeout_s: float = 420):
 
 def _stage_runs(recipe: Path) -> list:
     from trlm.stages.registry import load_recipe
-    from trlm.tracking import TAG_KIND, setup_tracking
+    from trlm.runs.tracking import TAG_KIND, setup_tracking
 
     tracker = setup_tracking(load_recipe(str(recipe), check_files=False))
     return [r for r in tracker.client.search_runs([tracker.experiment_id], max_results=500) if r.data.tags.get(TAG_KIND) == "stage"]
@@ -163,8 +163,8 @@ def test_two_runs_started_together_do_not_clobber_each_other(service):
     dpo = [r for r in _stage_runs(service["recipe"]) if r.data.tags.get("trlm.stage") == "dpo"]
     assert len(dpo) == before + 1 and all(r.info.status == "FINISHED" for r in dpo)
     from trlm.artifacts import verify_fingerprint
+    from trlm.runs.tracking import setup_tracking
     from trlm.stages.registry import load_recipe
-    from trlm.tracking import setup_tracking
 
     tracker = setup_tracking(load_recipe(str(service["recipe"]), check_files=False))
     assert verify_fingerprint(tracker.local_artifact_dir(max(dpo, key=lambda r: r.info.start_time)) / "output")

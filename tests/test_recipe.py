@@ -310,7 +310,7 @@ def test_recipe_dump_round_trips(tmp_path):
 
 
 def test_stage_config_in_the_cache_key_ignores_where_checkpoints_are_kept():
-    from trlm.lineage import stage_config
+    from trlm.runs.lineage import stage_config
 
     plain = load_recipe("offline-smoke")
     kept = load_recipe("offline-smoke", ["sft_general.train.keep_checkpoints=true"])

@@ -102,7 +102,7 @@ def test_where_to_look_masks_credentials(capsys, tmp_path):
     ([], None, 7),  # neither: the recipe's own choice stays
 ])
 def test_eval_limit_and_sample_flags(monkeypatch, tmp_path, flags, limit, sample):
-    from trlm.recipe import EvalConfig
+    from trlm.eval.config import EvalConfig
 
     recipe = SimpleNamespace(name="x", eval=EvalConfig(sample=7), data_path=tmp_path, work_path=tmp_path)
     monkeypatch.setattr("trlm.cli._load", lambda *args, **kwargs: (recipe, []))
@@ -120,7 +120,7 @@ def test_eval_limit_and_sample_flags(monkeypatch, tmp_path, flags, limit, sample
 
 
 def test_eval_refuses_limit_and_sample_together(monkeypatch, tmp_path):
-    from trlm.recipe import EvalConfig
+    from trlm.eval.config import EvalConfig
 
     recipe = SimpleNamespace(name="x", eval=EvalConfig(), data_path=tmp_path, work_path=tmp_path)
     monkeypatch.setattr("trlm.cli._load", lambda *args, **kwargs: (recipe, []))

@@ -92,7 +92,7 @@ def downloads(monkeypatch) -> list[str]:
 
 def _tracker(recipe: Path):
     from trlm.stages.registry import load_recipe
-    from trlm.tracking import setup_tracking
+    from trlm.runs.tracking import setup_tracking
 
     return setup_tracking(load_recipe(str(recipe)))
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trlm.import_graph import import_closure
-from trlm.lineage import code_version, plan
-from trlm.tracking import setup_tracking
+from trlm.runs.import_graph import import_closure
+from trlm.runs.lineage import code_version, plan
+from trlm.runs.tracking import setup_tracking
 from trlm.stages.registry import PIPELINE, get_stage, load_recipe
 
 TOY_SOURCE = '''"""A toy stage: writes a summary derived from its upstream model's config."""
@@ -44,11 +44,11 @@ PIPELINE = (STAGE,)
 def test_code_version_is_the_import_closure():
     by_name = {s.name: s for s in PIPELINE}
     assert "trlm.eval.tasks" in code_version(by_name["eval"]).modules, "the smoke subsets shape the evaluation"
-    assert "trlm.stages.losses" in code_version(by_name["dpo"]).modules
+    assert "trlm.training.losses" in code_version(by_name["dpo"]).modules
     for stage in PIPELINE:
         modules = code_version(stage).modules
-        assert not {"trlm.cli", "trlm.lineage"} & set(modules) and not [m for m in modules if m.startswith("trlm.flows")], stage.name
-    assert "trlm.stages.decontamination" in code_version(by_name["data-prep"]).modules
+        assert "trlm.cli" not in modules and not [m for m in modules if m.startswith(("trlm.flows", "trlm.runs"))], stage.name
+    assert "trlm.stages.data_prep.decontamination" in code_version(by_name["data-prep"]).modules
     assert not [m for m in code_version(by_name["data-prep"]).modules if m.startswith("trlm.eval")]
     assert code_version(by_name["sft-general"]).libraries["torch"]
 
@@ -61,7 +61,7 @@ def test_editing_a_module_in_the_closure_changes_the_key_and_one_outside_does_no
     (pkg / "unrelated.py").write_text("Y = 1\n")
     (pkg / "stage_mod.py").write_text("def run(ctx):\n    from trlm.artifacts import hash_json\n    import probe_pkg.helper\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import trlm.import_graph as graph
+    import trlm.runs.import_graph as graph
 
     monkeypatch.setattr(graph, "PACKAGE", "probe_pkg")
     assert import_closure("probe_pkg.stage_mod") == ["probe_pkg", "probe_pkg.helper", "probe_pkg.stage_mod"]
@@ -78,7 +78,7 @@ def test_editing_a_module_in_the_closure_changes_the_key_and_one_outside_does_no
 def test_the_key_is_the_same_in_another_process_and_folder(tmp_path, tiny_model_dir):
     recipe = load_recipe(check_files=False)
     here = {s.name: code_version(s).digest for s in PIPELINE}
-    script = "import json; from trlm.stages.registry import PIPELINE; from trlm.lineage import code_version; print(json.dumps({s.name: code_version(s).digest for s in PIPELINE}))"
+    script = "import json; from trlm.stages.registry import PIPELINE; from trlm.runs.lineage import code_version; print(json.dumps({s.name: code_version(s).digest for s in PIPELINE}))"
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
@@ -108,7 +108,7 @@ def _toy_plan(path: Path, overrides=()):
 
 def test_a_toy_stage_runs_in_the_flow_is_cached_and_goes_stale(toy_env, prefect_env):
     from trlm.flows.pipeline import pipeline
-    from trlm.tracking import TAG_KIND, TAG_STAGE
+    from trlm.runs.tracking import TAG_KIND, TAG_STAGE
 
     root, path = toy_env
     first = pipeline(recipe=str(path), stages="toy_pipeline:PIPELINE")

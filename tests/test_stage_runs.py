@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from trlm.artifacts import write_fingerprint
-from trlm.lineage import code_version
-from trlm.stage_runs import Work, run_stage
+from trlm.runs.lineage import code_version
+from trlm.runs.runner import Work, run_stage
 from trlm.stages.registry import PIPELINE
-from trlm.tracking import TAG_OWNER, Tracker, close_abandoned_runs
+from trlm.runs.tracking import TAG_OWNER, Tracker, close_abandoned_runs
 
 
 class _Recipe:

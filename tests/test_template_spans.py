@@ -1,5 +1,5 @@
 """Assistant spans and DPO completions are located by position in the template's output, never by
-searching for their text (stages/chat_spans.py). Every case is checked token by token: the exact
+searching for their text (stages/data_prep/chat_spans.py). Every case is checked token by token: the exact
 list of trained token strings (byte-level BPE: 'Ċ' is a newline, 'Ġ' a space).
 
 The templates are the published ones (trlm/recipes/trlm-135m.yaml, whitespace quirks included) on
@@ -18,7 +18,7 @@ import yaml
 
 from trlm.data_spec import RowError
 from trlm.recipe import MixtureConfig
-from trlm.stages.chat_spans import TemplateError, content_span, control_tokens, render, sft_spans, tokenize_with_mask
+from trlm.stages.data_prep.chat_spans import TemplateError, content_span, control_tokens, render, sft_spans, tokenize_with_mask
 from trlm.stages.data_prep import IGNORE, DataValidationError, _encode_preference, _encode_sft, build_tokenizer, prepare_mixture
 
 IM_END = "<|im_end|>"

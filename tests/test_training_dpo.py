@@ -13,8 +13,8 @@ import torch
 from test_training_support import dpo_config, model_state, write_dpo_dir
 from trlm.stages import dpo as dpo_stage
 from trlm.stages.dpo import REFERENCE_FILE, pair_batch, train_dpo
-from trlm.stages.batching import load_ragged
-from trlm.stages.loop import NonFiniteError
+from trlm.training.batching import load_ragged
+from trlm.training.loop import NonFiniteError
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
            "grad_norm", "learning_rate", "tokens_per_second", "pairs_per_second", "epoch")
@@ -75,7 +75,7 @@ def test_shared_prompt_forward_and_backward_are_exact():
     """Log-probs and every parameter gradient equal the unshared forward's (fp32), including pairs
     whose completions start alike, a pair with identical sides and one without a common prefix."""
     from conftest import make_tiny_llama
-    from trlm.stages.attention import install_head_forward, register_packed_sdpa
+    from trlm.training.attention import install_head_forward, register_packed_sdpa
 
     register_packed_sdpa()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""SFT stage (`stages/sft.py`) and the shared helpers (`stages/loop.py`, `batching.py`, ...), on a tiny Llama.
+"""SFT stage (`stages/sft.py`) and the shared helpers (`trlm/training/loop.py`, `batching.py`, ...), on a tiny Llama.
 
 Every test runs the real stage code on CPU in fp32 with real GSM8K chats and the real SmolLM2
 tokenizer; a stage call takes about a second.
@@ -19,13 +19,13 @@ import torch
 from conftest import make_tiny_llama
 from test_training_support import model_state, sft_config, write_sft_dir
 from trlm.stages import sft as sft_stage
-from trlm.stages.attention import install_head_forward, register_packed_sdpa
-from trlm.stages.batching import collate, load_ragged, unpack_rows
-from trlm.stages.checkpoints import CHECKPOINTS
-from trlm.stages.loop import NonFiniteError
-from trlm.stages.losses import chunked_sft_loss_sum, count_target_tokens
-from trlm.stages.modeling import resize_for_tokenizer
-from trlm.stages.optim import lr_factor
+from trlm.training.attention import install_head_forward, register_packed_sdpa
+from trlm.training.batching import collate, load_ragged, unpack_rows
+from trlm.training.checkpoints import CHECKPOINTS
+from trlm.training.loop import NonFiniteError
+from trlm.training.losses import chunked_sft_loss_sum, count_target_tokens
+from trlm.training.modeling import resize_for_tokenizer
+from trlm.training.optim import lr_factor
 from trlm.stages.sft import train_sft
 
 
@@ -462,7 +462,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_training_support import sft_config
 from trlm.stages import sft
-from trlm.stages.loop import NonFiniteError
+from trlm.training.loop import NonFiniteError
 real, calls = sft.chunked_sft_loss_sum, [0]
 def head(*args, **kwargs):  # rank 1's loss is NaN at step 2, its gradients finite
     loss_sum, *rest = real(*args, **kwargs)

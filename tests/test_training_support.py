@@ -102,7 +102,7 @@ def write_dpo_dir(out: Path, tokenizer_dir: Path, *, n: int = 8, max_length: int
 
 
 def sft_config(**train):
-    from trlm.recipe import SFTStageConfig
+    from trlm.stages.sft import SFTStageConfig
 
     neftune = train.pop("neftune_alpha", None)
     loss_type = train.pop("loss_type", "nll")
@@ -112,7 +112,7 @@ def sft_config(**train):
 
 
 def dpo_config(**train):
-    from trlm.recipe import DPOStageConfig
+    from trlm.stages.dpo import DPOStageConfig
 
     extra = {k: train.pop(k) for k in ("loss_type", "beta", "precompute_ref_logps", "label_smoothing", "share_prompt") if k in train}
     base = dict(batch_size=2, learning_rate=1e-3, lr_scheduler="constant", max_steps=2, precision="fp32", seed=0, save_steps=100)

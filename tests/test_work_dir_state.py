@@ -49,7 +49,7 @@ def test_a_copied_server_record_does_not_make_the_originals_servers_the_copys(tm
 def test_a_store_that_points_at_another_work_dirs_artifacts_is_refused(tmp_path):
     from mlflow import MlflowClient
 
-    from trlm.tracking import Tracker, WorkDirMoved
+    from trlm.runs.tracking import Tracker, WorkDirMoved
 
     old, new = tmp_path / "old", tmp_path / "new"
     new.mkdir()
@@ -60,7 +60,7 @@ def test_a_store_that_points_at_another_work_dirs_artifacts_is_refused(tmp_path)
 
 
 def test_new_stores_hold_relative_artifact_locations(tmp_path):
-    from trlm.tracking import Tracker
+    from trlm.runs.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "trlm", tmp_path)
     assert tracker.client.get_experiment(tracker.experiment_id).artifact_location == "mlflow-artifacts:/trlm"

@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from trlm.artifacts import write_fingerprint
-    from trlm.tracking import Tracker
+    from trlm.runs.tracking import Tracker
 
     tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"], "upload-probe", Path(args.work))
     run_id = tracker.client.create_run(tracker.experiment_id).info.run_id

@@ -293,7 +293,7 @@ def discard(path: str | Path) -> None:
 def work_dir_lock(work_dir: str | Path, name: str) -> Iterator[Path]:
     """Wait for an exclusive flock on `<work_dir>/locks/<name>.lock`: one process at a time through a
     shared first-time step (the others wait, then find its result). The OS releases it when the
-    holder exits, even on kill -9. Same scope as `trlm.lineage.stage_lock`: processes sharing a work dir."""
+    holder exits, even on kill -9. Same scope as `trlm.runs.lineage.stage_lock`: processes sharing a work dir."""
     path = Path(work_dir) / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:

@@ -107,8 +107,8 @@ def run(
     except RecipeError as exc:
         _fail(str(exc))
     from trlm.flows.pipeline import selected_stages
-    from trlm.lineage import plan
-    from trlm.tracking import setup_tracking
+    from trlm.runs.lineage import plan
+    from trlm.runs.tracking import setup_tracking
 
     tracker = setup_tracking(r)
     plans = plan(r, tracker, PIPELINE)
@@ -153,7 +153,7 @@ def run(
 
 def _print_report(r, tracker) -> None:
     """Print the report of every finished stage that wrote one (the eval stage's reproduction report)."""
-    from trlm.lineage import plan
+    from trlm.runs.lineage import plan
     from trlm.stages.registry import PIPELINE
 
     for p in plan(r, tracker, PIPELINE):
@@ -184,8 +184,8 @@ def status(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     r, _ = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
     from trlm.artifacts import mask_uri
-    from trlm.lineage import plan
-    from trlm.tracking import setup_tracking
+    from trlm.runs.lineage import plan
+    from trlm.runs.tracking import setup_tracking
     from trlm.stages.registry import PIPELINE
 
     plans = plan(r, setup_tracking(r), PIPELINE)
@@ -246,7 +246,7 @@ def report(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     """Write the reproduction report from the evaluations recorded in MLflow (missing stages show as –)."""
     r, _ = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
-    from trlm.tracking import setup_tracking
+    from trlm.runs.tracking import setup_tracking
     from trlm.stages.registry import PIPELINE
 
     tracker = setup_tracking(r)
@@ -325,7 +325,7 @@ def up(recipe: RecipeOpt = None,
     typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {mask_uri(store)}; artifacts {work / ARTIFACTS_DIR})")
     # Through the server: the experiment exists for the links, with MLflow's training-runs views.
     os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
-    from trlm.tracking import setup_tracking
+    from trlm.runs.tracking import setup_tracking
 
     experiment_id = setup_tracking(r).experiment_id
     # MLflow 3's UI opens an experiment on its GenAI (traces) view: link the training-runs list directly.

@@ -1,7 +1,9 @@
 """The recipe: one typed schema for a whole pipeline, validated completely before any compute.
 
 A recipe names the base model, the data mixture of each training stage (a file in `data_specs/`),
-the per-stage hyperparameters, the evaluation settings, the work directory and the MLflow store.
+the per-stage settings, the work directory and the MLflow store. This module holds the shared
+settings and the assembly; each stage's section schema lives with its stage (`SFTStageConfig` in
+`stages/sft.py`, `EvalConfig` in `eval/config.py`, ...) and the pipeline adds them (`recipe_model`).
 Two recipes ship in `trlm/recipes/`: `offline-smoke` (the default) and `trlm-135m` (the published one).
 
     recipe = load_recipe("offline-smoke", overrides=["dpo.beta=0.2"])
@@ -19,13 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, create_model
 
 DEFAULT_RECIPE = "offline-smoke"
-# One source for the loss families (stages/losses.py implements them; the schema accepts them).
-SFT_LOSS_TYPES: tuple[str, ...] = ("nll", "dft")
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "apo_zero", "ipo", "hinge", "robust")
-LABEL_SMOOTHING_LOSSES: tuple[str, ...] = ("sigmoid", "robust")  # the DPO losses that use label_smoothing
+# The one rule between a stage's name and its recipe section (and `--set` keys): `sft-general` <-> `sft_general`.
+def section_name(stage: str) -> str:
+    return stage.replace("-", "_")
+
+
+def stage_name(section: str) -> str:
+    return section.replace("_", "-")
 
 
 class RecipeError(ValueError):
@@ -78,66 +83,6 @@ class MixtureConfig(Strict):
     )
 
 
-class TrainConfig(Strict):
-    epochs: PositiveFloat = 1.0
-    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps (overrides epochs)")
-    batch_size: PositiveInt = Field(description="sequences (or pairs) per micro-batch per device")
-    grad_accum_steps: PositiveInt = 1
-    learning_rate: PositiveFloat
-    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_min_lr"] = "cosine"
-    min_lr_rate: Annotated[float, NoBool, Field(ge=0, le=1)] = 0.0
-    warmup_ratio: Annotated[float, NoBool, Field(ge=0, lt=1)] = 0.0
-    weight_decay: NonNegativeFloat = 0.0
-    max_grad_norm: PositiveFloat = 1.0
-    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-pure"] = Field(
-        "auto", description="auto = bf16-mixed on GPU, fp32 on CPU; bf16-pure is what the published run did"
-    )
-    gradient_checkpointing: Bool = False
-    seed: Int = 42
-    logging_steps: PositiveInt = 1
-    save_steps: PositiveInt = 500
-    save_total_limit: PositiveInt = 2
-    keep_checkpoints: Bool = Field(
-        False,
-        description="keep checkpoints/ (weights + optimizer state, about 3x the model) once the final model is written; "
-        "off: deleted then, since a finished stage never resumes. Not part of the stage's cache key.",
-    )
-    padding_free: Bool = Field(
-        True, description="concatenate a micro-batch's sequences into one row (no padding, no cross-document attention); same loss as padded batches"
-    )
-    attn_implementation: Literal["packed_sdpa", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
-        "packed_sdpa",
-        description="attention kernel: packed_sdpa = one SDPA call per packed document (no cross-document FLOPs, no mask); "
-        "the others are transformers' (sdpa/eager build a dense [T, T] mask over a packed row)",
-    )
-
-    compile: Bool = Field(
-        False, description="torch.compile each decoder layer's norms and MLP (GPU: fuses the memory-bound elementwise work; compiling costs a minute)"
-    )
-    # Several processes: README "Several GPUs and several machines", stages/distributed.py.
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="ddp (each process holds the model) or fsdp (FSDP2: sharded; 2+ processes)")
-    num_processes: Literal["auto"] | PositiveInt = Field(
-        "auto", description="the world size (global batch = batch_size x grad_accum_steps x num_processes); auto = this machine's GPUs, 1 without one"
-    )
-    launcher: Literal["torchrun", "accelerate"] = Field("torchrun", description="how the flow starts several processes; not in the key")
-
-    def world_size(self) -> int:
-        """num_processes with `auto` resolved: the visible GPUs, 1 without one."""
-        if self.num_processes != "auto":
-            return self.num_processes
-        import torch
-
-        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
-
-    @model_validator(mode="after")
-    def _min_lr_only_with_its_schedule(self) -> "TrainConfig":
-        if self.min_lr_rate and self.lr_scheduler != "cosine_with_min_lr":
-            raise ValueError("min_lr_rate is only used by lr_scheduler 'cosine_with_min_lr'")
-        if self.distributed == "fsdp" and self.num_processes == 1:
-            raise ValueError("distributed 'fsdp' shards the model over processes: it needs num_processes >= 2 (or 'auto'); use 'ddp' for one")
-        return self
-
-
 # Settings that change where files are kept or how processes are started, never what a stage
 # computes: left out of the stage's cache key and of the resume check, so flipping them neither
 # reruns a stage nor blocks a resume. (num_processes is in the key: it sets the global batch.)
@@ -147,68 +92,6 @@ NOT_IN_KEY = {"train": {"keep_checkpoints", "launcher"}}
 def output_config(cfg: BaseModel) -> dict[str, Any]:
     """A stage config as JSON, minus NOT_IN_KEY (absent keys are ignored): what the output depends on."""
     return cfg.model_dump(mode="json", exclude=NOT_IN_KEY)
-
-
-class SFTStageConfig(Strict):
-    data: MixtureConfig
-    train: TrainConfig
-    loss_type: Literal[SFT_LOSS_TYPES] = "nll"
-    neftune_alpha: NonNegativeFloat | None = None
-
-
-class DPOStageConfig(Strict):
-    data: MixtureConfig
-    train: TrainConfig
-    loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"
-    beta: PositiveFloat = 0.1
-    label_smoothing: Annotated[float, NoBool, Field(ge=0, lt=0.5)] = 0.0
-    precompute_ref_logps: Bool = Field(True, description="compute reference log-probs once before training")
-    share_prompt: Bool = Field(
-        True,
-        description="run each pair's common prefix (the prompt) once, not once per side; exact. Applies where "
-        "train.padding_free and attn_implementation packed_sdpa; the stage summary says whether it was used",
-    )
-
-    @model_validator(mode="after")
-    def _prompt_fits(self) -> "DPOStageConfig":
-        mpl = self.data.max_prompt_length
-        if mpl is not None and mpl >= self.data.max_length:
-            raise ValueError(f"data.max_prompt_length ({mpl}) must be smaller than data.max_length ({self.data.max_length})")
-        if self.label_smoothing and self.loss_type not in LABEL_SMOOTHING_LOSSES:
-            raise ValueError(f"label_smoothing is only used by loss_type {' or '.join(LABEL_SMOOTHING_LOSSES)}, not {self.loss_type!r}")
-        return self
-
-
-class DataPrepConfig(Strict):
-    validation_policy: Literal["error", "drop"] = Field(
-        "error", description="error: stop before writing anything; drop: drop bad rows, count and report them"
-    )
-    decontaminate: Bool = Field(True, description="13-gram overlap check of every mixture against the benchmarks")
-
-
-class EvalConfig(Strict):
-    profile: Literal["smoke", "full"] = "smoke"
-    tasks: list[str] = Field(
-        default_factory=lambda: ["arc_challenge", "arc_easy", "boolq", "piqa", "mmlu", "gsm8k", "bbh", "ifeval"]
-    )
-    limit: PositiveInt | None = Field(None, description="the first N items of each task (lm-eval's --limit)")
-    sample: PositiveInt | None = Field(None, description="a seeded random subset of N items per task (the smoke profile's default)")
-    max_gen_toks: PositiveInt | None = Field(None, description="cap on generated tokens; None keeps each task's default")
-    batch_size: PositiveInt = 8
-    seed: Int = 1234
-    apply_chat_template: Bool = True
-    fewshot_as_multiturn: Bool = True
-    num_threads: PositiveInt | None = Field(
-        None,
-        description="torch intra-op threads during evaluation (restored afterwards); None keeps the process setting. "
-        "On a CPU shared with other busy processes, 1 thread decodes far faster than 2 (measured 12 vs 0.6 steps/s)",
-    )
-
-    @model_validator(mode="after")
-    def _one_way_to_subset(self) -> "EvalConfig":
-        if self.limit is not None and self.sample is not None:
-            raise ValueError("give limit (the first N items) or sample (a seeded subset of N), not both")
-        return self
 
 
 class Recipe(Strict):
@@ -277,7 +160,7 @@ def mixtures(recipe: Recipe) -> dict[str, "MixtureConfig"]:
     for name in type(recipe).model_fields:
         data = getattr(getattr(recipe, name), "data", None)
         if isinstance(data, MixtureConfig):
-            found[name.replace("_", "-")] = data
+            found[stage_name(name)] = data
     return found
 
 
@@ -305,7 +188,7 @@ def _apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise RecipeError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().replace("-", "_").split(".")
+    parts = section_name(key.strip()).split(".")
     if not all(parts):
         raise RecipeError(f"--set {key}: empty key")
     node = data
@@ -377,7 +260,7 @@ def _read_recipe(name_or_path: str | None, overrides: list[str] | None) -> tuple
 
 def _resolve_data_root(path: Path, data: dict, overrides: list[str], builtin: bool) -> tuple[Path | None, str]:
     """data_root by precedence: --set, then TRLM_DATA_ROOT, then the recipe (relative to its folder)."""
-    if any(o.split("=", 1)[0].strip().replace("-", "_") == "data_root" for o in overrides):
+    if any(section_name(o.split("=", 1)[0].strip()) == "data_root" for o in overrides):
         raw, origin, anchor = data.get("data_root"), "--set", Path.cwd()
     elif os.environ.get("TRLM_DATA_ROOT"):
         raw, origin, anchor = os.environ["TRLM_DATA_ROOT"], "TRLM_DATA_ROOT", Path.cwd()

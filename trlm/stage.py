@@ -7,7 +7,8 @@ CLI and the report iterate over that list; none of them names a stage.
 A declaration says:
 - `name`, and `section`: the recipe section holding its config (`sft_general:`) with `config` its
   pydantic schema; the section's content is part of the stage's key (`key_config` narrows it);
-- `inputs(recipe)`: what it consumes, `{local name: "stage:part"}`. A part is what an upstream
+- `inputs(recipe)`: what it consumes, `{local name: "stage:part"}`, set where the stage enters
+  the pipeline (`stages/registry.py`: the DAG in one place). A part is what an upstream
   stage hands on: `model` (the `model/` directory of a training stage) or a named part (data-prep
   hands on one prepared dataset per consuming stage). The pseudo-stage `base` is the base model;
 - `hands_on`: what downstream keys are computed from: `model` (the fingerprint of `model/`, so a

@@ -37,7 +37,7 @@ def parse_stage_args(argv: list[str] | None, description: str, stages: tuple[str
     a stage's command line knows its own stages, not the pipeline."""
     from pydantic import ValidationError
 
-    from trlm.recipe import RecipeError, format_validation_error, load_section
+    from trlm.recipe import RecipeError, format_validation_error, load_section, section_name
 
     parser = stage_argument_parser(description, stages[0])
     args = parser.parse_args(argv)
@@ -57,7 +57,7 @@ def parse_stage_args(argv: list[str] | None, description: str, stages: tuple[str
         except (ValidationError, yaml.YAMLError) as exc:
             detail = format_validation_error(str(args.config), exc) if isinstance(exc, ValidationError) else str(exc)
             parser.error(detail)
-    section = args.stage.replace("-", "_")
+    section = section_name(args.stage)
     try:
         cfg = load_section(args.recipe, args.set, section, config_cls)
     except RecipeError as exc:

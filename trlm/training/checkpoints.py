@@ -23,8 +23,8 @@ from typing import Any
 
 from trlm.artifacts import atomic_directory, discard, hash_json, read_fingerprint, remove_stale_temporaries, save_tokenizer, write_fingerprint
 from trlm.recipe import output_config
-from trlm.stages.batching import StepPlan
-from trlm.stages.distributed import full_state_dict, is_sharded, load_sharded, save_sharded
+from trlm.training.batching import StepPlan
+from trlm.training.distributed import full_state_dict, is_sharded, load_sharded, save_sharded
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"

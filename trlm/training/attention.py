@@ -5,7 +5,7 @@
   no [T, T] mask, no cross-document FLOPs; the DPO prompt-sharing layout (`shared_prefix`).
 * `install_head_forward`: `model(input_ids, head=...)` returns `head(final hidden states, lm_head
   weight)`, so the [B, T, V] logits are never built (the heads are the chunked losses of
-  `stages/losses.py`).
+  `trlm/training/losses.py`).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def register_packed_sdpa() -> None:
 def _forward_with_head(self, input_ids, *, head: Callable, position_ids=None, attention_mask=None, packed_lengths=None, shared_prefix=None):
     """Run the transformer backbone and hand the final hidden states to `head(hidden, lm_head_weight)`.
 
-    The full [B, T, V] logits are never built: the head (a chunked loss from `stages/losses.py`)
+    The full [B, T, V] logits are never built: the head (a chunked loss from `trlm/training/losses.py`)
     projects only the target positions, a chunk at a time. `packed_lengths` (a padding-free row's
     document lengths) and `shared_prefix` (see `packed_sdpa_attention`) travel down to the attention
     kernel as keyword arguments. With `shared_prefix` the head gets the hidden states gathered back

@@ -2,7 +2,7 @@
 
 A stage's key hashes its code version, its resolved config and the fingerprints of its inputs
 (never paths, timestamps or run ids). The code version is computed, not listed: the source of
-every module of this package that the stage's module imports, transitively (`trlm.import_graph`),
+every module of this package that the stage's module imports, transitively (`trlm.runs.import_graph`),
 plus the versions of the libraries the stage declares. A training stage hands on the fingerprint of
 its `model/` directory alone, so a forced rerun that reproduces the weights keeps downstream keys.
 
@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trlm.artifacts import hash_json, stage_key
-from trlm.import_graph import import_closure, source_hash
+from trlm.runs.import_graph import import_closure, source_hash
 from trlm.recipe import Recipe, output_config
 from trlm.stage import BASE, MODEL, Stage, split_ref
-from trlm.tracking import OUTPUT, TAG_CODE, TAG_LIBRARIES, Tracker, flatten, run_outputs
+from trlm.runs.tracking import OUTPUT, TAG_CODE, TAG_LIBRARIES, Tracker, flatten, run_outputs
 
 @dataclass(frozen=True)
 class CodeVersion:

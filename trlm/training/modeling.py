@@ -1,7 +1,7 @@
 """The model a training stage starts from, and what is done to it before training.
 
 * `make_accelerator`: one `Accelerator` per stage call, and the precision (fp32, bf16-mixed, bf16-pure).
-* `load_model` (with the per-document attention kernel of `stages/attention.py`), `load_tokenizer`.
+* `load_model` (with the per-document attention kernel of `trlm/training/attention.py`), `load_tokenizer`.
 * vocabulary: `resize_for_tokenizer` (new rows = the mean of their text pieces' rows),
   `set_end_of_turn` (eos = pad = `<|im_end|>`).
 * `disable_dropout` (DPO), `enable_gradient_checkpointing`, `compile_blocks` (torch.compile of the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trlm.stages.attention import PACKED_SDPA, register_packed_sdpa
+from trlm.training.attention import PACKED_SDPA, register_packed_sdpa
 
 END_OF_TURN = "<|im_end|>"
 
@@ -41,7 +41,7 @@ def make_accelerator(precision: str, distributed: str = "ddp"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from trlm.stages.distributed import accelerator_options
+    from trlm.training.distributed import accelerator_options
 
     # AcceleratorState is a process-wide singleton that refuses a different mixed_precision: reset it
     # so that several stages (and tests) can run one after the other in one process. The distributed

@@ -1,7 +1,7 @@
 """The package's own import graph, read from source with `ast` (no module is executed).
 
 Two users:
-- a stage's code version (`trlm.lineage.code_version`) hashes the source of every module of this
+- a stage's code version (`trlm.runs.lineage.code_version`) hashes the source of every module of this
   package that the stage's module imports, transitively, so editing any of them (a loss, the
   smoke subsets in `eval/tasks.py`) makes the stage and everything downstream stale, and editing
   anything outside the closure (the CLI, a bench script, a test) changes no key;
@@ -11,8 +11,8 @@ Two users:
 Every import statement counts, including those inside functions and `if TYPE_CHECKING:` blocks: a
 lazily imported module shapes the stage's output as much as one imported at the top. Locating a
 submodule's file asks Python's import system (`importlib.util.find_spec`), which imports the parent
-packages; ours (`trlm`, `trlm.stages`, ...) are empty `__init__.py` files and are part of the
-closure too.
+packages; ours (`trlm`, `trlm.stages`, `trlm.stages.data_prep`, ...) are part of the closure too.
+Module names are hashed with their source (`source_hash`): moving a module makes its stages stale.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _is_ours(name: str) -> bool:
 
 
 def _owning_module(name: str) -> str | None:
-    """`trlm.stages.losses.IGNORE_INDEX` -> `trlm.stages.losses`: the deepest prefix that is a module.
+    """`trlm.training.losses.IGNORE_INDEX` -> `trlm.training.losses`: the deepest prefix that is a module.
 
     Walks down from the package and stops at the first plain module: asking for a name inside a
     plain module would make Python import (execute) that module."""

@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch.utils.checkpoint import checkpoint
 
-# The loss families are defined once, in the recipe schema (core, which must not import the stages),
-# so the schema accepts exactly what is implemented here. LABEL_SMOOTHING_LOSSES: the DPO types whose
-# formula has a label-smoothing term; a non-zero value is an error for the others.
-from trlm.recipe import DPO_LOSS_TYPES, LABEL_SMOOTHING_LOSSES, SFT_LOSS_TYPES  # re-exported
-
 from trlm.stage import IGNORE_INDEX  # re-exported: the one definition of an untrained position's label
+
+# The loss families, defined once: the stage configs accept exactly what is implemented here.
+SFT_LOSS_TYPES: tuple[str, ...] = ("nll", "dft")
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "apo_zero", "ipo", "hinge", "robust")
+LABEL_SMOOTHING_LOSSES: tuple[str, ...] = ("sigmoid", "robust")  # the DPO losses with a label-smoothing term
 
 __all__ = [
     "IGNORE_INDEX",

@@ -23,9 +23,9 @@ Each stage file (`stages/sft.py`, `stages/dpo.py`) owns its loop body and reads 
 Here: `setup_training` / `prepare_training` (accelerator, seed, data, model, optimizer, schedule),
 `maybe_resume`, `LogWindow` (the sums between two log lines), `optimizer_step` (clip, the
 non-finite check, step), `save_if_due`, `finish` (model/, metrics.json, fingerprint.json). The
-command line of both stages is `stages/entry.py`.
+command line of both stages is `trlm/training/entry.py`.
 
-Several processes (DDP, FSDP2: `stages/distributed.py`) change only `setup_training` (the launch
+Several processes (DDP, FSDP2: `trlm/training/distributed.py`) change only `setup_training` (the launch
 checked before any compute), `prepare_training` (the wrapping) and the checkpoints; the loops are
 the same in every mode.
 
@@ -45,9 +45,9 @@ from typing import Any, Callable
 import torch
 from accelerate.utils import set_seed
 
-from trlm.stages.attention import install_head_forward
-from trlm.stages.batching import Ragged, StepPlan, data_fingerprint, load_ragged, plan_steps
-from trlm.stages.checkpoints import (
+from trlm.training.attention import install_head_forward
+from trlm.training.batching import Ragged, StepPlan, data_fingerprint, load_ragged, plan_steps
+from trlm.training.checkpoints import (
     COMPLETE_MARKER,
     export_model,
     finish_stage,
@@ -57,8 +57,8 @@ from trlm.stages.checkpoints import (
     save_checkpoint,
     trainer_state,
 )
-from trlm.stages.distributed import LaunchError, check_launch, shard_model
-from trlm.stages.modeling import (
+from trlm.training.distributed import LaunchError, check_launch, shard_model
+from trlm.training.modeling import (
     compile_blocks,
     enable_gradient_checkpointing,
     load_model,
@@ -67,7 +67,7 @@ from trlm.stages.modeling import (
     resize_for_tokenizer,
     set_end_of_turn,
 )
-from trlm.stages.optim import build_optimizer, build_scheduler, clip_gradients
+from trlm.training.optim import build_optimizer, build_scheduler, clip_gradients
 
 OnLog = Callable[[dict[str, float], int], None]
 

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trlm.artifacts import FINGERPRINT_FILE, hash_directory, hash_json, mask_secrets, part_fingerprint, read_fingerprint, stage_key
-from trlm.lineage import CodeVersion, code_version
+from trlm.runs.lineage import CodeVersion, code_version
 from trlm.recipe import Recipe
 from trlm.stage import MODEL, Stage
-from trlm.tracking import (
+from trlm.runs.tracking import (
     OUTPUT,
     TAG_CODE,
     TAG_KEY,

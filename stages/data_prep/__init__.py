@@ -15,7 +15,7 @@ For each training stage's mixture (`sft_general.data`, `sft_think.data`, `dpo.da
 5. build labels: `all` tokens (what the published recipe did) or `assistant` turns only, each
    including its closing `<|im_end|>`; preference data always trains on the completion only. Turns
    are located by position in the template's output, never by searching their text
-   (stages/chat_spans.py); a template that cannot locate them stops the stage under any policy;
+   (stages/data_prep/chat_spans.py); a template that cannot locate them stops the stage under any policy;
 6. truncate as configured (SFT keep_start/keep_end; DPO: prompt keeps its last max_prompt_length
    tokens, then the whole sequence is cut to max_length);
 7. write `train.parquet`, `tokenizer/`, `stats.json`, `inputs.json` and `fingerprint.json`.
@@ -37,100 +37,36 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from trlm.artifacts import atomic_directory, hash_directory, save_tokenizer, write_fingerprint
 from trlm.data_spec import RowError, load_data_spec, resolve_rows
-from trlm.recipe import DataPrepConfig, MixtureConfig, Recipe, mixtures
-from trlm.stage import BASE, MODEL, Stage, StageContext
+from trlm.recipe import Bool, MixtureConfig, Recipe, Strict, mixtures
+from trlm.stage import Stage, StageContext
 
 DATA_ROOT_FILE = "data_root.json"  # where the data came from: the path and which setting won
-from trlm.stages.chat_spans import IGNORE, TemplateError, control_tokens, describe_template, find_control_text, preference_texts, render, sft_spans, tokenize_with_mask
+from trlm.stages.data_prep.validation import DataValidationError, validate_row
+from trlm.stages.data_prep.chat_spans import IGNORE, TemplateError, control_tokens, describe_template, find_control_text, preference_texts, render, sft_spans, tokenize_with_mask
 
 log = logging.getLogger(__name__)
-ROLES = {"system", "user", "assistant"}
 HISTOGRAM_EDGES = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
 MAX_LISTED = 200  # dropped rows listed one by one in stats.json (all of them are counted)
 
 
-class DataValidationError(ValueError):
-    """Bad rows under policy `error`. `errors` holds every RowError found (file, row, field)."""
-
-    def __init__(self, errors: list[RowError], headline: str | None = None):
-        self.errors = errors
-        self.headline = headline
-        shown = "\n".join(f"  {e}" for e in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        head = headline or f"{len(errors)} invalid row(s); nothing was written (validation_policy=error)"
-        super().__init__(f"{head}:\n{shown}{more}")
-
-    def __reduce__(self):  # picklable with its errors (Prefect moves exceptions between processes)
-        return (type(self), (self.errors, self.headline))
+class DataPrepConfig(Strict):
+    validation_policy: Literal["error", "drop"] = Field(
+        "error", description="error: stop before writing anything; drop: drop bad rows, count and report them"
+    )
+    decontaminate: Bool = Field(True, description="13-gram overlap check of every mixture against the benchmarks")
 
 
-# --- validation --------------------------------------------------------------------------------
-
-
-def _check_text(err, field: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise err(field, f"expected text, got {type(value).__name__}", "not text")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise err(field, "undecodable text (lone surrogate escape)", "undecodable text") from None
-
-
-def _check_messages(err, field: str, messages: Any, *, must_end_with: str | None) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise err(field, "expected a non-empty list of messages", "not a message list")
-    expected = None
-    for i, m in enumerate(messages):
-        where = f"{field}[{i}]"
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise err(where, "a message needs 'role' and 'content'", "malformed message")
-        role = m["role"]
-        if not isinstance(role, str) or role not in ROLES:
-            raise err(f"{where}.role", f"unknown role {role!r} (expected one of {sorted(ROLES)})", "unknown role")
-        if role == "system" and i != 0:
-            raise err(f"{where}.role", "a system message may only come first", "misplaced system message")
-        _check_text(err, f"{where}.content", m["content"])
-        if role == "assistant" and not m["content"].strip():
-            raise err(f"{where}.content", "empty assistant content", "empty assistant content")
-        if role != "system":
-            if expected is not None and role != expected:
-                raise err(f"{where}.role", f"roles do not alternate: {role!r} follows {role!r}", "roles do not alternate")
-            expected = "assistant" if role == "user" else "user"
-    if must_end_with and messages[-1]["role"] != must_end_with:
-        raise err(f"{field}[{len(messages) - 1}].role", f"the last message must be {must_end_with!r}", f"last message not {must_end_with}")
-
-
-def validate_row(kind: str, row: dict) -> None:
-    def err(field: str, reason: str, category: str | None = None) -> RowError:
-        return RowError(row["_source"], row["_row"], field, reason, category)
-
-    if kind == "sft":
-        _check_messages(err, "messages", row["messages"], must_end_with="assistant")
-        first = next(m["role"] for m in row["messages"] if m["role"] != "system")
-        if first != "user":
-            raise err("messages[0].role", "the conversation must start with a user turn", "first turn not user")
-        return
-    if not row["prompt"]:
-        raise err("prompt", "empty prompt (chosen and rejected share no turns)", "empty prompt")
-    _check_messages(err, "prompt", row["prompt"], must_end_with="user")
-    for side in ("chosen", "rejected"):
-        _check_messages(err, side, row[side], must_end_with="assistant")
-        if row[side][0]["role"] != "assistant":
-            raise err(f"{side}[0].role", "the completion must start with an assistant turn", "completion not assistant")
-    if row["chosen"] == row["rejected"]:
-        raise err("chosen", "chosen is identical to rejected", "chosen identical to rejected")
-
-
-# --- rendering and label masks: stages/chat_spans.py (turns located by position) ------------------
+# --- rendering and label masks: stages/data_prep/chat_spans.py (turns located by position) ------------------
 
 
 def _truncate(seq: list[int], max_length: int, mode: str) -> list[int]:
@@ -252,7 +188,7 @@ def _reject_control_text(row: dict, fields: tuple[str, ...], forbidden: list[str
 
 def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close_id, eos_id, forbidden) -> dict:
     """Tokens of the full rendering; with loss_mask assistant, labels on each assistant turn's content
-    + its end token, located by position (stages/chat_spans.py). TemplateError propagates: it stops the stage."""
+    + its end token, located by position (stages/data_prep/chat_spans.py). TemplateError propagates: it stops the stage."""
     messages = row["messages"]
     _reject_control_text(row, ("messages",), forbidden)
     text = render(tokenizer, template, messages)
@@ -280,7 +216,7 @@ def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close
 def _encode_preference(tokenizer, template, end_token, mixture, row, stats, forbidden) -> dict:
     """prompt ids (shared) + completion ids; labels -100 on the prompt; truncation as published.
 
-    Each side is split by position (stages/chat_spans.py): the completion starts where its first
+    Each side is split by position (stages/data_prep/chat_spans.py): the completion starts where its first
     assistant content starts. Prompt and completion are tokenized separately (as TRL's DPO does), so
     no token straddles the boundary."""
     _reject_control_text(row, ("prompt", "chosen", "rejected"), forbidden)
@@ -364,7 +300,7 @@ def prepare_data(recipe: Recipe, *, base_model_dir: Path, out_dir: Path, progres
 
 
 def _decontaminate(recipe: Recipe, out: Path) -> dict:
-    from trlm.stages.decontamination import check_overlap
+    from trlm.stages.data_prep.decontamination import check_overlap
 
     texts = {}
     for stage in mixtures(recipe):
@@ -404,7 +340,6 @@ STAGE = Stage(
     name="data-prep",
     section="data_prep",
     config=DataPrepConfig,
-    inputs=lambda recipe: {"base": f"{BASE}:{MODEL}"},
     external_inputs=source_fingerprints,
     key_config=data_prep_config,
     hands_on="parts",

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from trlm.artifacts import hash_file, read_fingerprint
-from trlm.stages.losses import IGNORE_INDEX
+from trlm.training.losses import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

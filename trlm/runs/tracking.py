@@ -5,7 +5,7 @@ flow runs, processes and machines that share the tracking store. Each executed s
 child run under the pipeline's parent run. Its output directory IS the run's artifact directory
 `output/`: with a local artifact store the stage writes straight into it (no copy); with a remote
 store (an MLflow server with `--serve-artifacts`, its destination a directory or S3) it writes to a
-staging directory in the work dir, uploads it and checks the upload (`trlm.artifact_store`).
+staging directory in the work dir, uploads it and checks the upload (`trlm.runs.artifact_store`).
 Downstream stages get `runs:/<id>/output` and resolve it through MLflow: a local path for local
 stores; otherwise this machine's copy (the staging directory of a run it executed, or a verified
 download into `<work_dir>/downloads/<run_id>/`), downloaded once. So machines need to share nothing
@@ -59,7 +59,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        from trlm.artifact_store import PROXY_TRANSFER_DEFAULTS
+        from trlm.runs.artifact_store import PROXY_TRANSFER_DEFAULTS
         from trlm.artifacts import work_dir_lock
 
         for name, value in PROXY_TRANSFER_DEFAULTS.items():
@@ -162,7 +162,7 @@ class Tracker:
 
     def upload_output(self, run_id: str, out: Path) -> None:
         """Upload a staged output to the remote store and check it is all there (else `UploadError`)."""
-        from trlm.artifact_store import upload_output
+        from trlm.runs.artifact_store import upload_output
 
         upload_output(self.client, run_id, out, OUTPUT)
 
@@ -170,7 +170,7 @@ class Tracker:
         """This machine's complete copy of a remote run's artifact `path` (a top-level name), if any:
         a verified download, or the staging directory of a FINISHED run executed here. Re-verified
         each time (as a local store's artifact is): a damaged download is discarded."""
-        from trlm.artifact_store import download_problem
+        from trlm.runs.artifact_store import download_problem
         from trlm.artifacts import discard
 
         run_id = run.info.run_id
@@ -198,7 +198,7 @@ class Tracker:
         """
         import mlflow
 
-        from trlm.artifact_store import download_verified
+        from trlm.runs.artifact_store import download_verified
         from trlm.artifacts import work_dir_lock
 
         if uri.startswith("models:/") and (source := self._version_source(uri)):
@@ -236,7 +236,7 @@ class Tracker:
     def mark_failed(self, run_id: str, error: str, status: str = "FAILED") -> None:
         """Tag the reason and end the run; if the server cannot be reached, keep the failure in the
         work dir: it is written to the run when the server answers again (`flush_pending`)."""
-        from trlm.artifact_store import record_pending_failure
+        from trlm.runs.artifact_store import record_pending_failure
 
         try:
             self.client.set_tag(run_id, "trlm.error", error)
@@ -245,7 +245,7 @@ class Tracker:
             record_pending_failure(self.work_dir, run_id, status, error, exc)
 
     def flush_pending(self) -> list[str]:
-        from trlm.artifact_store import flush_pending_failures
+        from trlm.runs.artifact_store import flush_pending_failures
 
         return flush_pending_failures(self.client, self.work_dir)
 
