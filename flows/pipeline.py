@@ -35,7 +35,7 @@ from trlm.runs.tracking import TAG_KIND, TAG_OWNER, TAG_RECIPE, Tracker, close_a
 from trlm.runs.runner import Work, run_stage, substep_runner
 from trlm.recipe import Recipe
 from trlm.stage import BASE, Stage, StageContext, final_model, split_ref
-from trlm.stages.registry import get_stage, load_recipe, stage_names
+from trlm.stages.registry import chosen, get_stage, load_recipe, stage_names
 
 DEFAULT_PIPELINE = "trlm.stages.registry:PIPELINE"
 TRANSIENT_NOT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -50,7 +50,7 @@ def load_pipeline(path: str) -> tuple[Stage, ...]:
 def _open(ref: dict) -> tuple[Recipe, Tracker, tuple[Stage, ...]]:
     pipeline_ = load_pipeline(ref.get("pipeline", DEFAULT_PIPELINE))
     recipe = load_recipe(ref["recipe"], ref["overrides"], check_files=False, pipeline=pipeline_)
-    return recipe, setup_tracking(recipe), pipeline_
+    return recipe, setup_tracking(recipe), chosen(recipe.stages, pipeline_)  # the stages this recipe runs
 
 
 def _retry_transient(task, task_run, state) -> bool:

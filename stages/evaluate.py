@@ -2,7 +2,8 @@
 
 What it does, top to bottom (`run`):
 
-1. For each model named in `eval.models` (`base` and the training stages by default), in that
+1. For each model the stage consumes (`eval.models` when the recipe lists them; by default the
+   base and every stage of the recipe that hands on a model, wired in `stages/registry.py`), in that
    order: evaluate it with lm-evaluation-harness (`trlm.eval.harness.evaluate_checkpoint`) as a
    memoised sub-step with its own tracked run (`eval:<model>`). The sub-step's key is its own
    code (the harness and what it imports: the task subsets, the offline mirror, punkt), the eval
@@ -34,7 +35,7 @@ from trlm.eval.render import write_report
 from trlm.eval.report import headline_metrics
 from trlm.eval.tasks import known_task_names
 from trlm.recipe import RecipeError, output_config
-from trlm.stage import BASE, MODEL, Stage, StageContext
+from trlm.stage import MODEL, Stage, StageContext
 
 RESULTS = "results.json"
 
@@ -42,8 +43,8 @@ RESULTS = "results.json"
 class EvalStageConfig(EvalConfig):
     """The harness settings (EvalConfig) plus which of the pipeline's models to evaluate."""
 
-    models: list[str] = Field(default_factory=lambda: [BASE, "sft-general", "sft-think", "dpo"],
-                              description="base and/or training stages, in report column order")
+    models: list[str] | None = Field(None, description="base and/or training stages, in report column order; "
+                                     "None: the base and every stage of the recipe that hands on a model")
 
 
 def _harness_settings(cfg: EvalStageConfig) -> dict:
@@ -67,7 +68,7 @@ def _evaluate_one(path: Path, recipe) -> Callable[[Path, Callable], None]:
 def run(ctx: StageContext) -> dict:
     recipe = ctx.recipe
     columns = {}
-    for model in recipe.eval.models:
+    for model in ctx.inputs:  # the models this stage consumes, in report column order
         out = ctx.cached_step(model, {MODEL: ctx.fingerprints[model]}, _evaluate_one(ctx.inputs[model], recipe),
                               config=_harness_settings(recipe.eval), code_module=evaluate_checkpoint.__module__)
         columns[model] = json.loads((out / RESULTS).read_text())
@@ -95,11 +96,12 @@ def headline(out: Path) -> dict[str, float]:
     return {f"{model}/{k}": v for model, doc in columns.items() for k, v in headline_metrics(doc).items() if not k.endswith("/stderr")}
 
 
-def report(recipe, lookup: Callable[[str], Path | None], out: Path) -> tuple[Path, Path]:
+def report(recipe, lookup: Callable[[str], Path | None], out: Path, inputs: dict[str, str]) -> tuple[Path, Path]:
     """The report from recorded results: `lookup(model)` is the output directory of that model's
-    latest finished sub-step (None when it was never evaluated: a dash column)."""
+    latest finished sub-step (None when it was never evaluated: a dash column); `inputs` are the
+    stage's inputs for this recipe (one per model)."""
     columns = {}
-    for model in recipe.eval.models:
+    for model in inputs:
         found = lookup(model)
         columns[model] = json.loads((found / RESULTS).read_text()) if found is not None else None
     return write_report(columns, out)

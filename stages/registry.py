@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from trlm.base_model import resolve_source
 from trlm.recipe import Recipe, RecipeError
 from trlm.recipe import load_recipe as _load_recipe
+from trlm.recipe import read_stage_choice
 from trlm.stage import BASE, MODEL, Stage, split_ref
 from trlm.stages import data_prep, dpo, evaluate, sft
 
@@ -32,8 +33,33 @@ PIPELINE: tuple[Stage, ...] = (
     consumes(sft.SFT_GENERAL, {"model": "base:model", "data": "data-prep:sft-general"}),
     consumes(sft.SFT_THINK, {"model": "sft-general:model", "data": "data-prep:sft-think"}),
     consumes(dpo.STAGE, {"model": "sft-think:model", "data": "data-prep:dpo"}),
-    consumes(evaluate.STAGE, lambda recipe: {model: f"{model}:{MODEL}" for model in recipe.eval.models}),  # eval.models
+    consumes(evaluate.STAGE, lambda recipe: {model: f"{model}:{MODEL}" for model in eval_models(recipe)}),
 )
+
+
+def chosen(names: list[str] | None, pipeline: tuple[Stage, ...] = PIPELINE) -> tuple[Stage, ...]:
+    """The stages a recipe runs (its `stages:` list, in pipeline order); None: all of them."""
+    if names is None:
+        return pipeline
+    known = stage_names(pipeline)
+    for name in names:
+        if name not in known:
+            raise RecipeError(f"stages: unknown stage {name!r}; declared stages are: {', '.join(known)}")
+    return tuple(s for s in pipeline if s.name in names)
+
+
+def active(recipe: Recipe, pipeline: tuple[Stage, ...] = PIPELINE) -> tuple[Stage, ...]:
+    """The stages this recipe runs."""
+    return chosen(recipe.stages, pipeline)
+
+
+def eval_models(recipe: Recipe, pipeline: tuple[Stage, ...] = PIPELINE) -> list[str]:
+    """The models the eval stage evaluates: `eval.models` if the recipe lists them, else the base and
+    every stage the recipe runs that hands on a model, in pipeline order (a new training stage is a
+    new report column without naming it anywhere)."""
+    if recipe.eval.models is not None:
+        return list(recipe.eval.models)
+    return [BASE, *(s.name for s in active(recipe, pipeline) if s.hands_on == MODEL)]
 
 
 def sections(pipeline: tuple[Stage, ...] = PIPELINE) -> tuple[tuple[str, type], ...]:
@@ -53,8 +79,10 @@ def get_stage(name: str, pipeline: tuple[Stage, ...] = PIPELINE) -> Stage:
 
 def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None, check_files: bool = True,
                 pipeline: tuple[Stage, ...] = PIPELINE) -> Recipe:
-    """Load and validate a recipe for `pipeline`: schema, then the wiring between stages, then
-    (check_files) every file it names and each stage's own checks. All before any compute."""
+    """Load and validate a recipe for the stages of `pipeline` it chooses (`stages:`): schema, then
+    the wiring between stages, then (check_files) every file it names and each stage's own checks.
+    All before any compute."""
+    pipeline = chosen(read_stage_choice(name_or_path, overrides), pipeline)
     recipe = _load_recipe(name_or_path, overrides, sections=sections(pipeline))
     check_wiring(recipe, pipeline)
     if check_files:

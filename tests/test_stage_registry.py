@@ -162,3 +162,41 @@ def test_eval_models_must_name_earlier_model_stages():
         load_recipe(overrides=["eval.models=[base, sft-genral]"], check_files=False)
     with pytest.raises(RecipeError, match="stage 'data-prep' hands on no model"):
         load_recipe(overrides=["eval.models=[data-prep]"], check_files=False)
+
+
+# --- the pipeline carries the generality: which stages a recipe runs, which models are evaluated ---
+
+
+def _smoke_without(tmp_path: Path, drop: tuple[str, ...], stages: list[str]) -> str:
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "trlm" / "recipes" / "offline-smoke.yaml").read_text())
+    for section in drop:
+        data.pop(section, None)
+    data["stages"] = stages
+    path = tmp_path / "chosen.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def test_a_recipe_chooses_its_stages_and_the_eval_models_follow(tmp_path):
+    from trlm.stages.registry import active, eval_models
+
+    full = load_recipe(check_files=False)
+    assert [s.name for s in active(full)] == [s.name for s in PIPELINE]
+    assert eval_models(full) == ["base", *(s.name for s in PIPELINE if s.hands_on == "model")]
+    short = load_recipe(_smoke_without(tmp_path, ("sft_think", "dpo", "grpo"), ["data-prep", "sft-general", "eval"]), check_files=False)
+    assert [s.name for s in active(short)] == ["data-prep", "sft-general", "eval"]
+    assert eval_models(short) == ["base", "sft-general"]
+    assert list(get_stage("eval").inputs(short)) == ["base", "sft-general"]
+    explicit = load_recipe(overrides=["eval.models=[base, dpo]"], check_files=False)
+    assert eval_models(explicit) == ["base", "dpo"]
+
+
+def test_a_chosen_stage_list_is_validated(tmp_path):
+    from trlm.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="stages: unknown stage 'sft'"):
+        load_recipe(overrides=["stages=[data-prep, sft]"], check_files=False)
+    with pytest.raises(RecipeError, match="dpo: unknown key"):  # a stage not chosen has no section
+        load_recipe(_smoke_without(tmp_path, ("sft_think", "grpo"), ["data-prep", "sft-general", "eval"]), check_files=False)
+    with pytest.raises(RecipeError, match="'sft-think' is not an earlier stage"):  # dpo without its upstream
+        load_recipe(_smoke_without(tmp_path, ("sft_think", "grpo"), ["data-prep", "sft-general", "dpo", "eval"]), check_files=False)

@@ -96,12 +96,12 @@ def run(
     t0 = time.time()
     r, overrides = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
-    from trlm.stages.registry import PIPELINE, get_stage, stage_names
+    from trlm.stages.registry import active, get_stage, stage_names
 
     try:
         for s in [only, from_stage, *(force or [])]:
             if s:
-                get_stage(s)
+                get_stage(s, active(r))
         if only and from_stage:
             raise RecipeError("give --only or --from, not both")
     except RecipeError as exc:
@@ -111,8 +111,8 @@ def run(
     from trlm.runs.tracking import setup_tracking
 
     tracker = setup_tracking(r)
-    plans = plan(r, tracker, PIPELINE)
-    names = stage_names()
+    plans = plan(r, tracker, active(r))
+    names = stage_names(active(r))
     wanted = selected_stages(names, only, from_stage)
     by_stage = {p.stage: p for p in plans}
     first = names.index(wanted[0])
@@ -139,7 +139,7 @@ def run(
     except Exception as exc:  # the flow already marked the MLflow runs FAILED
         typer.echo(f"error: pipeline failed: {mask_secrets(str(exc))}\n(full log with the traceback: {log_file})", err=True)
         raise typer.Exit(1) from None
-    _print_plan(plan(r, tracker, PIPELINE), f"recipe {r.name}: finished in {time.time() - t0:.0f}s")
+    _print_plan(plan(r, tracker, active(r)), f"recipe {r.name}: finished in {time.time() - t0:.0f}s")
     for stage, outcome in outcomes.items():
         if outcome.get("reproduced") is not None:  # forced reruns of a finished stage
             verdict = "reproduces the previous run: same output fingerprints" if outcome["reproduced"] else "does NOT reproduce the previous run: output fingerprints differ"
@@ -154,9 +154,9 @@ def run(
 def _print_report(r, tracker) -> None:
     """Print the report of every finished stage that wrote one (the eval stage's reproduction report)."""
     from trlm.runs.lineage import plan
-    from trlm.stages.registry import PIPELINE
+    from trlm.stages.registry import active
 
-    for p in plan(r, tracker, PIPELINE):
+    for p in plan(r, tracker, active(r)):
         if p.state == "done" and p.artifact_path and (Path(p.artifact_path) / "report.md").is_file():
             typer.echo("")
             typer.echo((Path(p.artifact_path) / "report.md").read_text())
@@ -186,9 +186,9 @@ def status(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     from trlm.artifacts import mask_uri
     from trlm.runs.lineage import plan
     from trlm.runs.tracking import setup_tracking
-    from trlm.stages.registry import PIPELINE
+    from trlm.stages.registry import active
 
-    plans = plan(r, setup_tracking(r), PIPELINE)
+    plans = plan(r, setup_tracking(r), active(r))
     data = {"path": str(r.data_path), "origin": r.data_root_origin}
     if as_json:
         typer.echo(json.dumps({"recipe": r.name, "data_root": data, "stages": [p.as_dict() for p in plans]}, indent=2))
@@ -247,11 +247,11 @@ def report(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     r, _ = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
     from trlm.runs.tracking import setup_tracking
-    from trlm.stages.registry import PIPELINE
+    from trlm.stages.registry import active
 
     tracker = setup_tracking(r)
     out = out or (r.work_path / "reports" / r.name)
-    for stage in PIPELINE:
+    for stage in active(r):
         if stage.report is None:
             continue
 
@@ -259,7 +259,7 @@ def report(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
             run = tracker.latest_done(f"{stage.name}:{sub}", r.name)
             return tracker.resolve(tracker.artifact_uri(run)) if run is not None else None
 
-        md, png = stage.report(r, lookup, out)
+        md, png = stage.report(r, lookup, out, dict(stage.inputs(r)))
         typer.echo(md.read_text())
         typer.echo(f"\nreport: {md}\nchart:  {png}")
 

@@ -112,6 +112,10 @@ class Recipe(Strict):
     work_dir: str | None = Field(None, description="default: $TRLM_HOME, else ~/.trlm")
     tracking_uri: str | None = Field(None, description="default: sqlite:///<work_dir>/mlflow.db")
     experiment: str = "trlm"
+    stages: list[str] | None = Field(
+        None, description="the declared stages this recipe runs (pipeline order is kept); None: every declared stage. "
+        "Only the chosen stages' sections belong in the recipe",
+    )
     # Where data_root came from ("--set", "TRLM_DATA_ROOT" or "recipe") and the resolved path, set by load_recipe.
     _data_root_origin: str = PrivateAttr("recipe")
     _data_path: Path | None = PrivateAttr(None)
@@ -271,6 +275,15 @@ def _resolve_data_root(path: Path, data: dict, overrides: list[str], builtin: bo
     if not isinstance(raw, str):
         return None, origin  # validation reports the type
     return (anchor / Path(raw).expanduser()).resolve(), origin
+
+
+def read_stage_choice(name_or_path: str | None, overrides: list[str] | None) -> list[str] | None:
+    """The recipe's `stages:` list (after overrides), read before the schema: it picks the sections."""
+    path, data, _ = _read_recipe(name_or_path, list(overrides or []))
+    choice = data.get("stages")
+    if choice is not None and not (isinstance(choice, list) and all(isinstance(n, str) for n in choice)):
+        raise RecipeError(f"invalid recipe {path}:\n  stages: a list of stage names, got {choice!r}")
+    return choice
 
 
 def load_recipe(

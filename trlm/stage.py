@@ -17,7 +17,8 @@ A declaration says:
 - `run(ctx)`: paths and config in, one artifact directory (`ctx.out`) out. It never imports
   Prefect, MLflow, the lineage or the flow: what it needs from them comes through `ctx`;
 - optional hooks: `check(recipe)` (validation before any compute), `headline(out)` (numbers for the
-  UIs), `report(recipe, lookup, out)` (rebuild a report from recorded results), `external_inputs`
+  UIs), `report(recipe, lookup, out, inputs)` (rebuild a report from recorded results; `inputs` are the
+  stage's inputs for the recipe), `external_inputs`
   (fingerprints of files it reads directly), `libraries` (distributions whose version shapes its
   output, part of its code version), `approves` (the alias this stage gives the pipeline's final model once it has consumed it: the
   eval stage sets `@candidate` on the model it evaluated),
