@@ -764,3 +764,28 @@ def test_status_done_then_stale(tmp_path, monkeypatch, tiny_model_dir, spec_path
     stages = status()
     assert stages["data-prep"]["state"] == "stale"
     assert stages["data-prep"]["key"] != key and stages["data-prep"]["artifact_path"] is None
+
+
+# --- the third kind: prompts with a reference answer (GSM8K for online RL) ---------------------
+
+
+def test_prompt_answer_rows_from_gsm8k(tmp_path, tiny_model_dir, shared_data):
+    """GSM8K's question becomes the prompt, rendered exactly as a preference prompt is; the answer
+    is the number after ####, commas removed; a row without #### is dropped and named."""
+    lines = (shared_data / "openai__gsm8k/main/train.jsonl").read_text().splitlines()[:3]
+    rows = [json.loads(line) for line in lines]
+    rows.append({"question": "What is 1,000 + 234?", "answer": "1000 + 234 = 1234\n#### 1,234"})
+    rows.append({"question": "No final answer here?", "answer": "it is 5"})
+    summary, table, out, mixture = run_mixture(tmp_path, tiny_model_dir, "dpo", {"max_prompt_length": None}, rows, kind="prompt_answer",
+                                               columns={"prompt": "question"}, transform="gsm8k_prompt_answer")
+    assert summary["kind"] == "prompt_answer" and summary["rows_out"] == 4
+    assert [d["row"] for d in summary["dropped_rows"]] == [5] and "####" in summary["dropped_rows"][0]["reason"]
+    assert sorted(r["answer"] for r in table) == sorted([*(r["answer"].rsplit("####", 1)[1].strip() for r in rows[:3]), "1234"])
+    tok = load_tok(out / "tokenizer")
+    by_answer = {r["answer"]: r for r in table}
+    question = "What is 1,000 + 234?"
+    full = tok.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": "Z"}],
+                                   chat_template=mixture.chat_template, tokenize=False)
+    assert by_answer["1234"]["prompt_input_ids"] == tok(full[: full.rindex("Z")], add_special_tokens=False)["input_ids"]
+    assert summary["total_tokens"] == sum(len(r["prompt_input_ids"]) for r in table)
+    assert summary["truncated_prompt"] == 0 and summary["target_tokens"] is None

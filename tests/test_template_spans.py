@@ -19,7 +19,8 @@ import yaml
 from trlm.data_spec import RowError
 from trlm.recipe import MixtureConfig
 from trlm.stages.data_prep.chat_spans import TemplateError, content_span, control_tokens, render, sft_spans, tokenize_with_mask
-from trlm.stages.data_prep import IGNORE, DataValidationError, _encode_preference, _encode_sft, build_tokenizer, prepare_mixture
+from trlm.stages.data_prep import IGNORE, DataValidationError, build_tokenizer, prepare_mixture
+from trlm.stages.data_prep.chat_spans import KINDS, Encoding
 
 IM_END = "<|im_end|>"
 RECIPE = yaml.safe_load((Path(__file__).resolve().parents[1] / "trlm" / "recipes" / "trlm-135m.yaml").read_text())
@@ -56,7 +57,7 @@ def sft(tok, messages: list[dict], section: str = "sft_general", **updates) -> t
     t = tok(section)
     stats: Counter = Counter()
     row = {"messages": messages, "_source": "t.jsonl", "_row": 1}
-    rec = _encode_sft(t, mix.chat_template, IM_END, mix, row, stats, None, t.convert_tokens_to_ids(IM_END), control_tokens(t, mix.special_tokens))
+    rec = KINDS["sft"].encode(Encoding.of(t, mix), row, stats)
     return runs(t, rec["input_ids"], rec["labels"]), stats, rec
 
 
@@ -75,7 +76,7 @@ def dpo(tok, prompt: list[dict], chosen: str, rejected: str, section: str = "dpo
     mix = mixture(section, max_length=4096, max_prompt_length=None, truncation_mode="keep_start", **({"chat_template": template} if template else {}))
     t = tok(section)
     row = {"prompt": prompt, "chosen": turns(("assistant", chosen)), "rejected": turns(("assistant", rejected)), "_source": "p.jsonl", "_row": 3}
-    rec = _encode_preference(t, mix.chat_template, IM_END, mix, row, Counter(), control_tokens(t, mix.special_tokens))
+    rec = KINDS["preference"].encode(Encoding.of(t, mix), row, Counter())
     out = {}
     for side in ("chosen", "rejected"):
         ids, labels = rec[f"{side}_input_ids"], rec[f"{side}_labels"]

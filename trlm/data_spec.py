@@ -7,6 +7,7 @@ shapes and may apply one named transform:
 
 - `sft`:        {"messages": [{"role", "content"}, ...]}
 - `preference`: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+- `prompt_answer`: {"prompt": [messages], "answer": str} (online RL: the reference a reward checks)
 
 A local file must stay inside the data root (no `../` out of it, no absolute path, no symlink out
 of it) unless the recipe sets `allow_outside_data_root`. A source that holds fewer rows than its
@@ -53,7 +54,7 @@ class SourceSpec(BaseModel):
     rows: Annotated[Int, Field(gt=0)] | None = Field(None, description="rows to take; None = all")
     sample: Literal["first", "seeded"] = "first"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
-    transform: Literal["gsm8k_think", "hh_rlhf_pairs", "conversation_pairs"] | None = None
+    transform: Literal["gsm8k_think", "hh_rlhf_pairs", "conversation_pairs", "gsm8k_prompt_answer"] | None = None
     allow_fewer_rows: Bool = Field(False, description="accept a source holding fewer rows than `rows` (reported either way)")
 
     @model_validator(mode="after")
@@ -66,7 +67,7 @@ class SourceSpec(BaseModel):
 class DataSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
-    kind: Literal["sft", "preference"]
+    kind: Literal["sft", "preference", "prompt_answer"]
     description: str = ""
     shuffle_seed: Int = 42
     sources: list[SourceSpec] = Field(min_length=1)
@@ -220,6 +221,21 @@ def gsm8k_think(rec: dict) -> dict:
     return {"messages": msgs}
 
 
+def gsm8k_prompt_answer(rec: dict) -> dict:
+    """GSM8K {"prompt": question, "answer": "steps\n#### 1,234"} -> a user turn and the reference
+    "1234": the number after `####`, thousands separators removed."""
+    answer = str(rec["answer"])
+    if "####" not in answer:
+        raise ValueError("answer has no '#### <final answer>' line")
+    final = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    if not re.fullmatch(r"-?\d+(\.\d+)?", final):
+        raise ValueError(f"the final answer {final!r} is not a number")
+    question = rec["prompt"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("empty question")
+    return {"prompt": [{"role": "user", "content": question}], "answer": final}
+
+
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -253,8 +269,9 @@ TRANSFORMS: dict[str, Callable[[dict], dict]] = {
     "gsm8k_think": gsm8k_think,
     "hh_rlhf_pairs": hh_rlhf_pairs,
     "conversation_pairs": conversation_pairs,
+    "gsm8k_prompt_answer": gsm8k_prompt_answer,
 }
-CANONICAL_COLUMNS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected")}
+CANONICAL_COLUMNS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected"), "prompt_answer": ("prompt", "answer")}
 
 
 def canonical_row(spec: DataSpec, src: SourceSpec, label: str, row: int, rec: dict) -> dict:

@@ -52,7 +52,7 @@ from trlm.stage import Stage, StageContext
 
 DATA_ROOT_FILE = "data_root.json"  # where the data came from: the path and which setting won
 from trlm.stages.data_prep.validation import DataValidationError, validate_row
-from trlm.stages.data_prep.chat_spans import IGNORE, TemplateError, control_tokens, describe_template, find_control_text, preference_texts, render, sft_spans, tokenize_with_mask
+from trlm.stages.data_prep.chat_spans import COUNTED, IGNORE, KINDS, Encoding, TemplateError, describe_template  # noqa: F401 - IGNORE re-exported
 
 log = logging.getLogger(__name__)
 HISTOGRAM_EDGES = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
@@ -67,10 +67,6 @@ class DataPrepConfig(Strict):
 
 
 # --- rendering and label masks: stages/data_prep/chat_spans.py (turns located by position) ------------------
-
-
-def _truncate(seq: list[int], max_length: int, mode: str) -> list[int]:
-    return seq[:max_length] if mode == "keep_start" else seq[-max_length:]
 
 
 # --- one mixture -------------------------------------------------------------------------------
@@ -93,11 +89,8 @@ def build_tokenizer(base_model_dir: Path, mixture: MixtureConfig):
 def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base_model_dir: Path, policy: str, out: Path, progress: bool = True, allow_outside_data_root: bool = False) -> dict:
     spec = load_data_spec(mixture.spec)
     tokenizer = build_tokenizer(base_model_dir, mixture)
-    template, end_token = mixture.chat_template, tokenizer.eos_token
-    think_close = "</think>" if "</think>" in mixture.special_tokens else None
-    think_close_id = tokenizer.convert_tokens_to_ids(think_close) if think_close else None
-    eos_id = tokenizer.convert_tokens_to_ids(end_token)
-    forbidden = control_tokens(tokenizer, mixture.special_tokens)
+    kind, enc = KINDS[spec.kind], Encoding.of(tokenizer, mixture)
+    template = mixture.chat_template
 
     errors: list[RowError] = []
     dropped: Counter = Counter()
@@ -112,16 +105,13 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
             if isinstance(row, RowError):
                 raise row
             validate_row(spec.kind, row)
-            if spec.kind == "sft":
-                rec = _encode_sft(tokenizer, template, end_token, mixture, row, row_stats, think_close_id, eos_id, forbidden)
-            else:
-                rec = _encode_preference(tokenizer, template, end_token, mixture, row, row_stats, forbidden)
+            rec = kind.encode(enc, row, row_stats)
         except RowError as e:
             errors.append(e)
             dropped[e.kind] += 1
             continue
         except TemplateError as exc:  # the template's fault, not the row's: no policy drops it
-            where = RowError(row["_source"], row["_row"], "messages" if spec.kind == "sft" else "prompt", str(exc), "chat template cannot locate turns")
+            where = RowError(row["_source"], row["_row"], kind.field, str(exc), "chat template cannot locate turns")
             raise DataValidationError([where], f"{stage}: the chat template {describe_template(template)} cannot locate turns by position; nothing was written") from None
         stats.update(row_stats)
         records.append(rec)
@@ -129,7 +119,7 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
     errors.sort(key=lambda e: (e.source, e.row))
     if errors and policy == "error":
         raise DataValidationError(errors)
-    lengths = np.array([len(r["input_ids"] if spec.kind == "sft" else r["chosen_input_ids"]) for r in records] or [0])
+    lengths = np.array([len(r[kind.column]) for r in records] or [0])
     summary = {
         "stage": stage,
         "spec": spec.name,
@@ -140,17 +130,15 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
         "dropped_rows": [{"file": e.source, "row": e.row, "field": e.field, "reason": e.reason} for e in errors[:MAX_LISTED]],
         "dropped_rows_not_listed": max(0, len(errors) - MAX_LISTED),
         "truncated": stats["truncated"],
-        "truncated_prompt": stats["truncated_prompt"] if spec.kind == "preference" else None,
+        **{key: stats[key] if key in kind.counted else None for key in COUNTED},
         "truncated_lost_think_close": stats["lost_think_close"],
         "truncated_lost_end_of_turn": stats["lost_end_of_turn"],
         "reasoning_rows": stats["reasoning_rows"],
-        "total_tokens": int(sum(len(r["input_ids"]) for r in records) if spec.kind == "sft" else sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in records)),
-        "target_tokens": int(sum(sum(1 for x in r["labels"][1:] if x != IGNORE) for r in records)) if spec.kind == "sft" else None,
+        "total_tokens": int(sum(kind.tokens(r) for r in records)),
+        "target_tokens": int(sum(kind.targets(r) for r in records)) if kind.targets else None,
         "length_histogram": {f"{lo}-{hi}": int(((lengths >= lo) & (lengths < hi)).sum()) for lo, hi in zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:])},
         "max_length": mixture.max_length,
-        "loss_mask": mixture.loss_mask if spec.kind == "sft" else "completion",
-        # assistant turns whose leading whitespace BPE merged into the (untrained) header token
-        "assistant_start_merged_with_header": stats["assistant_start_merged_with_header"] if spec.kind == "sft" else None,
+        "loss_mask": kind.loss_mask or mixture.loss_mask,
         "sources": sources,
     }
     if not records:
@@ -161,7 +149,7 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
 
     out.mkdir(parents=True, exist_ok=True)
     columns = {k: [r[k] for r in records] for k in records[0]}
-    types = {k: pa.list_(pa.int32()) if k.endswith(("input_ids", "labels")) else None for k in columns}
+    types = {k: pa.list_(pa.int32()) if k.endswith(("input_ids", "labels")) else pa.string() if k == "answer" else None for k in columns}
     if "prompt_length" in types:
         types["prompt_length"] = pa.int32()
     table = pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
@@ -177,78 +165,6 @@ def prepare_mixture(stage: str, mixture: MixtureConfig, *, data_root: Path, base
     (out / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True))
     summary["fingerprint"] = write_fingerprint(out)
     return summary
-
-
-def _reject_control_text(row: dict, fields: tuple[str, ...], forbidden: list[str]) -> None:
-    for field in fields:
-        found = find_control_text(row[field], field, forbidden)
-        if found:
-            raise RowError(row["_source"], row["_row"], found[0], f"contains the text {found[1]!r}, which tokenizes as that control token (a fake turn boundary)", "control-token text in content")
-
-
-def _encode_sft(tokenizer, template, end_token, mixture, row, stats, think_close_id, eos_id, forbidden) -> dict:
-    """Tokens of the full rendering; with loss_mask assistant, labels on each assistant turn's content
-    + its end token, located by position (stages/data_prep/chat_spans.py). TemplateError propagates: it stops the stage."""
-    messages = row["messages"]
-    _reject_control_text(row, ("messages",), forbidden)
-    text = render(tokenizer, template, messages)
-    assistant_only = mixture.loss_mask == "assistant"
-    spans, prompt_end = sft_spans(tokenizer, template, messages, end_token, text, assistant_only=assistant_only)
-    ids, labels, prompt_len, merged = tokenize_with_mask(tokenizer, text, spans if assistant_only else None, prompt_end)
-    stats["assistant_start_merged_with_header"] += merged
-    if prompt_len >= mixture.max_length and mixture.truncation_mode == "keep_start":
-        raise RowError(row["_source"], row["_row"], "messages", f"prompt alone ({prompt_len} tokens) is longer than max_length {mixture.max_length}", "prompt longer than max_length")
-    reasoning = any("<think>" in m["content"] for m in messages if m["role"] == "assistant")
-    stats["reasoning_rows"] += reasoning
-    if len(ids) > mixture.max_length:
-        stats["truncated"] += 1
-        kept = _truncate(ids, mixture.max_length, mixture.truncation_mode)
-        if reasoning and think_close_id is not None and think_close_id in ids and think_close_id not in kept:
-            stats["lost_think_close"] += 1
-        if eos_id in ids and kept[-1] != eos_id and mixture.truncation_mode == "keep_start":
-            stats["lost_end_of_turn"] += 1
-        ids, labels = kept, _truncate(labels, mixture.max_length, mixture.truncation_mode)
-    if not any(x != IGNORE for x in labels[1:]):
-        raise RowError(row["_source"], row["_row"], "messages", f"no target tokens left after truncation to max_length {mixture.max_length}", "no target tokens after truncation")
-    return {"input_ids": ids, "labels": labels, "_source": row["_source"], "_row": row["_row"]}
-
-
-def _encode_preference(tokenizer, template, end_token, mixture, row, stats, forbidden) -> dict:
-    """prompt ids (shared) + completion ids; labels -100 on the prompt; truncation as published.
-
-    Each side is split by position (stages/data_prep/chat_spans.py): the completion starts where its first
-    assistant content starts. Prompt and completion are tokenized separately (as TRL's DPO does), so
-    no token straddles the boundary."""
-    _reject_control_text(row, ("prompt", "chosen", "rejected"), forbidden)
-    sides = {}
-    prompt_text = None
-    for side in ("chosen", "rejected"):
-        p_text, c_text = preference_texts(tokenizer, template, row["prompt"], row[side], end_token)
-        if prompt_text is not None and p_text != prompt_text:  # compared whole, by position: never searched
-            raise TemplateError("the template renders the shared prompt differently for chosen and rejected")
-        prompt_text = p_text
-        sides[side] = tokenizer(c_text, add_special_tokens=False)["input_ids"]
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if mixture.max_prompt_length is None and len(prompt_ids) >= mixture.max_length:
-        raise RowError(row["_source"], row["_row"], "prompt", f"prompt alone ({len(prompt_ids)} tokens) is longer than max_length {mixture.max_length}", "prompt longer than max_length")
-    if mixture.max_prompt_length is not None and len(prompt_ids) > mixture.max_prompt_length:
-        prompt_ids = prompt_ids[-mixture.max_prompt_length :]
-        stats["truncated_prompt"] += 1
-    rec: dict[str, Any] = {}
-    truncated = False
-    for side, completion in sides.items():
-        ids = prompt_ids + completion
-        labels = [IGNORE] * len(prompt_ids) + completion
-        if len(ids) > mixture.max_length:
-            truncated = True
-            ids, labels = _truncate(ids, mixture.max_length, mixture.truncation_mode), _truncate(labels, mixture.max_length, mixture.truncation_mode)
-        if not any(x != IGNORE for x in labels[1:]):
-            raise RowError(row["_source"], row["_row"], side, f"completion entirely cut off by truncation to max_length {mixture.max_length}", "completion cut off by truncation")
-        rec[f"{side}_input_ids"], rec[f"{side}_labels"] = ids, labels
-    stats["truncated"] += truncated
-    rec["prompt_length"] = next(i for i, x in enumerate(rec["chosen_labels"]) if x != IGNORE)
-    rec["_source"], rec["_row"] = row["_source"], row["_row"]
-    return rec
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -308,7 +224,7 @@ def _decontaminate(recipe: Recipe, out: Path) -> dict:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(out / stage / "tokenizer")
-        col = "input_ids" if "input_ids" in table.column_names else "chosen_input_ids"
+        col = next(kind.column for kind in KINDS.values() if kind.column in table.column_names)
         texts[stage] = tok.batch_decode(table.column(col).to_pylist(), skip_special_tokens=True)
     report = check_overlap(texts, data_root=recipe.data_path, tasks=list(recipe.eval.tasks))
     (out / "decontamination.json").write_text(json.dumps(report, indent=2))

@@ -71,6 +71,11 @@ def validate_row(kind: str, row: dict) -> None:
         if first != "user":
             raise err("messages[0].role", "the conversation must start with a user turn", "first turn not user")
         return
+    if kind == "prompt_answer":
+        _check_messages(err, "prompt", row["prompt"], must_end_with="user")
+        if not str(row["answer"]).strip():
+            raise err("answer", "empty reference answer", "empty answer")
+        return
     if not row["prompt"]:
         raise err("prompt", "empty prompt (chosen and rejected share no turns)", "empty prompt")
     _check_messages(err, "prompt", row["prompt"], must_end_with="user")
