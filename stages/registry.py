@@ -20,7 +20,7 @@ from trlm.recipe import Recipe, RecipeError
 from trlm.recipe import load_recipe as _load_recipe
 from trlm.recipe import read_stage_choice
 from trlm.stage import BASE, MODEL, Stage, split_ref
-from trlm.stages import data_prep, dpo, evaluate, sft
+from trlm.stages import data_prep, dpo, evaluate, grpo, sft
 
 
 def consumes(stage: Stage, inputs: Mapping[str, str] | Callable[[Any], Mapping[str, str]]) -> Stage:
@@ -33,6 +33,7 @@ PIPELINE: tuple[Stage, ...] = (
     consumes(sft.SFT_GENERAL, {"model": "base:model", "data": "data-prep:sft-general"}),
     consumes(sft.SFT_THINK, {"model": "sft-general:model", "data": "data-prep:sft-think"}),
     consumes(dpo.STAGE, {"model": "sft-think:model", "data": "data-prep:dpo"}),
+    consumes(grpo.STAGE, {"model": "dpo:model", "data": "data-prep:grpo"}),
     consumes(evaluate.STAGE, lambda recipe: {model: f"{model}:{MODEL}" for model in eval_models(recipe)}),
 )
 

@@ -1,7 +1,7 @@
 """The Prefect flow + MLflow lineage end to end, on the tiny model and a few rows of real data.
 
 One module-scoped pipeline run is shared by the assertions: a full run, a rerun that runs nothing,
-a DPO-beta change that reruns only dpo and eval, and the lineage recorded in MLflow.
+a DPO-beta change that reruns only dpo, grpo and eval, and the lineage recorded in MLflow.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ kind: preference
 sources:
   - {name: hh, path: Anthropic__hh-rlhf/harmless-base/test.jsonl.gz, rows: 8, transform: hh_rlhf_pairs}
 """
+GRPO_SPEC = """
+name: tiny-grpo
+kind: prompt_answer
+sources:
+  - {name: gsm8k, path: openai__gsm8k/main/train.jsonl, rows: 4, columns: {prompt: question}, transform: gsm8k_prompt_answer}
+"""
 
 
 def _work():
@@ -48,6 +54,7 @@ def write_tiny_recipe(root: Path, base_model: Path, data_root: Path) -> Path:
     (specs / "sft-general.yaml").write_text(SFT_SPEC.format(name="general", path="databricks__databricks-dolly-15k/train.jsonl", transform=""))
     (specs / "sft-think.yaml").write_text(SFT_SPEC.format(name="think", path="openai__gsm8k/messages/train.jsonl", transform=", transform: gsm8k_think"))
     (specs / "dpo.yaml").write_text(DPO_SPEC)
+    (specs / "grpo.yaml").write_text(GRPO_SPEC)
     smoke = yaml.safe_load((Path(__file__).parents[1] / "trlm" / "recipes" / "offline-smoke.yaml").read_text())
     train = {"max_steps": 2, "batch_size": 2, "learning_rate": 1.0e-3, "warmup_ratio": 0.0, "save_steps": 1, "logging_steps": 1}
     recipe = {
@@ -61,7 +68,10 @@ def write_tiny_recipe(root: Path, base_model: Path, data_root: Path) -> Path:
         "sft_think": {"data": {**smoke["sft_think"]["data"], "spec": str(specs / "sft-think.yaml"), "max_length": 256}, "train": train, "neftune_alpha": 5.0},
         "dpo": {"data": {**smoke["dpo"]["data"], "spec": str(specs / "dpo.yaml"), "max_length": 96, "max_prompt_length": 48},
                 "train": train, "loss_type": "apo_zero", "beta": 0.1},
-        "eval": {"profile": "smoke", "tasks": ["arc_easy"], "limit": 2, "batch_size": 2, "max_gen_toks": 8, "models": ["base", "dpo"]},
+        "grpo": {"data": {**smoke["grpo"]["data"], "spec": str(specs / "grpo.yaml"), "max_length": 160, "max_prompt_length": 128},
+                 "train": {**train, "learning_rate": 1.0e-4, "weight_decay": 0.01}, "num_generations": 2, "max_completion_length": 4, "sample_steps": 1},
+        # no `models`: the base and every training stage, from the pipeline (five columns)
+        "eval": {"profile": "smoke", "tasks": ["arc_easy"], "limit": 2, "batch_size": 2, "max_gen_toks": 8},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -96,7 +106,9 @@ def test_full_flow_runs_every_stage(first_run, tiny_recipe):
         assert (out / "fingerprint.json").is_file(), stage
     assert (Path(first_run["dpo"]["path"]) / "model" / "model.safetensors").is_file()
     report = Path(first_run["eval"]["path"]) / "report.md"
-    assert report.is_file() and "dpo" in report.read_text()
+    assert report.is_file() and all(model in report.read_text() for model in ("base", "sft-general", "sft-think", "dpo", "grpo"))
+    samples = Path(first_run["grpo"]["path"]) / "samples" / "step-000001.jsonl"
+    assert len(samples.read_text().splitlines()) == 2 * 2  # 2 prompts x 2 samples, step 1 only
 
 
 def test_mlflow_lineage(first_run, tiny_recipe):
@@ -116,9 +128,12 @@ def test_mlflow_lineage(first_run, tiny_recipe):
     assert [m.step for m in history] == [1, 2]
     dpo = by_stage["dpo"]
     assert {"rewards/accuracies", "rewards/margins", "loss"} <= set(dpo.data.metrics)
-    # The DPO model is registered under the recipe's name with the alias `candidate`.
+    grpo = by_stage["grpo"]
+    assert {"reward", "pass_at_1", "pass_at_g", "completion_length", "truncated", "zero_variance", "clipped"} <= set(grpo.data.metrics)
+    assert grpo.data.tags["trlm.input.model"] == dpo.data.tags["trlm.output_fingerprint.model"]
+    # The final model (GRPO's, the pipeline's last training stage) is registered as `candidate`.
     version = tracker.client.get_model_version_by_alias("tiny", "candidate")
-    assert version.run_id == dpo.info.run_id
+    assert version.run_id == grpo.info.run_id
     # The hand-off went through MLflow: the next stage's input fingerprint is the previous output's.
     think = by_stage["sft-think"]
     assert think.data.tags["trlm.input.model"] == sft.data.tags["trlm.output_fingerprint.model"]
@@ -147,13 +162,13 @@ def test_status_says_why_a_stage_is_stale(first_run, tiny_recipe, monkeypatch):
     result = CliRunner().invoke(app, ["status", "--recipe", str(tiny_recipe)])
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line for line in result.output.splitlines() if line.strip().split()[:1] and line.split()[0] in STAGES}
-    assert [rows[s].split()[1] for s in STAGES] == ["done"] * 4 + ["stale"]
+    assert [rows[s].split()[1] for s in STAGES] == ["done"] * 5 + ["stale"]
     assert "code: trlm.eval.tasks" in rows["eval"]
     monkeypatch.setattr(lineage, "source_hash", real)
     result = CliRunner().invoke(app, ["status", "--recipe", str(tiny_recipe), "--set", "dpo.beta=0.3", "--json"])
     stages = {s["stage"]: s for s in json.loads(result.stdout)["stages"]}
     assert stages["dpo"]["state"] == "stale" and stages["dpo"]["note"] == "config: beta"
-    assert stages["eval"]["note"].startswith("input: waits for dpo")
+    assert stages["grpo"]["note"].startswith("input: waits for dpo")
 
 
 def test_cli_rerun_reports_every_stage_cached(first_run, tiny_recipe):
@@ -171,28 +186,30 @@ def test_cli_rerun_reports_every_stage_cached(first_run, tiny_recipe):
     assert len(after) == len(before)
 
 
-def test_changing_dpo_beta_reruns_only_dpo_and_eval(first_run, tiny_recipe):
+def test_changing_dpo_beta_reruns_only_dpo_and_downstream(first_run, tiny_recipe):
     from trlm.flows.pipeline import pipeline
 
     again = pipeline(recipe=str(tiny_recipe), overrides=["dpo.beta=0.2"])
-    assert {s for s, o in again.items() if not o["cached"]} == {"dpo", "eval"}
+    assert {s for s, o in again.items() if not o["cached"]} == {"dpo", "grpo", "eval"}
     assert again["sft-think"]["run_id"] == first_run["sft-think"]["run_id"]
 
 
 def test_candidate_moves_only_once_the_model_is_evaluated(first_run, tiny_recipe):
-    """A training-only run registers the new final model without the alias; the eval stage moves it."""
+    """A training-only run registers the new final model without the alias; the eval stage moves it.
+    (The random tiny model earns no GSM8K reward, so GRPO's gradient is 0 here; its weight decay
+    is what makes another learning rate another model.)"""
     from typer.testing import CliRunner
 
     from trlm.cli import app
 
     tracker, _, _ = _stage_runs(tiny_recipe)
     evaluated = tracker.client.get_model_version_by_alias("tiny", "candidate").version
-    trained = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--only", "dpo", "--set", "dpo.beta=0.3"])
+    trained = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--only", "grpo", "--set", "grpo.train.learning_rate=2e-4"])
     assert trained.exit_code == 0, trained.output
     new = max(int(v.version) for v in tracker.client.search_model_versions("name = 'tiny'"))
-    assert f"registered tiny version {new} from dpo; not evaluated yet, so no alias" in trained.output
+    assert f"registered tiny version {new} from grpo; not evaluated yet, so no alias" in trained.output
     assert tracker.client.get_model_version_by_alias("tiny", "candidate").version == evaluated
-    judged = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--only", "eval", "--set", "dpo.beta=0.3"])
+    judged = CliRunner().invoke(app, ["run", "--recipe", str(tiny_recipe), "--only", "eval", "--set", "grpo.train.learning_rate=2e-4"])
     assert judged.exit_code == 0, judged.output
     assert f"tiny@candidate is version {new} (moved there: evaluated by eval)" in judged.output
     assert int(tracker.client.get_model_version_by_alias("tiny", "candidate").version) == new

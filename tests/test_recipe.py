@@ -341,3 +341,22 @@ def test_hub_reachability_probe(monkeypatch):
     assert process_setup.hub_reachable(timeout_s=1.0) is False
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # behind a proxy we cannot tell: assume yes
     assert process_setup.hub_reachable(timeout_s=1.0) is True
+
+
+def test_trlm_135m_grpo_is_the_published_recipe_plus_a_grpo_stage():
+    """trlm-135m runs the published stages only (no grpo section at all); trlm-135m-grpo resolves to
+    the same values for every shared setting, plus grpo after dpo, and evaluates a fifth model."""
+    from trlm.recipe import recipe_to_dict
+    from trlm.stages.registry import active, eval_models
+
+    published, extended = load_recipe("trlm-135m", check_files=False), load_recipe("trlm-135m-grpo", check_files=False)
+    pub, ext = recipe_to_dict(published), recipe_to_dict(extended)
+    assert "grpo" not in pub and [s.name for s in active(published)] == ["data-prep", "sft-general", "sft-think", "dpo", "eval"]
+    assert eval_models(published) == ["base", "sft-general", "sft-think", "dpo"]  # as the published report's columns
+    assert {k: v for k, v in ext.items() if k in pub and k not in ("name", "description", "stages")} == \
+        {k: v for k, v in pub.items() if k not in ("name", "description", "stages")}
+    assert [s.name for s in active(extended)] == ["data-prep", "sft-general", "sft-think", "dpo", "grpo", "eval"]
+    assert eval_models(extended)[-1] == "grpo"
+    g = extended.grpo
+    assert load_data_spec(g.data.spec).kind == "prompt_answer" and g.beta == 0 and g.num_generations == 8
+    assert g.data.chat_template == extended.dpo.data.chat_template

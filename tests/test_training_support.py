@@ -124,3 +124,25 @@ def model_state(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def write_prompt_answer_dir(out: Path, tokenizer_dir: Path, *, n: int = 8, think: bool = True) -> Path:
+    """GSM8K questions as prompts (up to the assistant header) and their reference numbers (kind prompt_answer)."""
+    tok = make_tokenizer(tokenizer_dir, ("<think>", "</think>") if think else ())
+    prompts, answers = [], []
+    for messages in gsm8k_chats(n):
+        prompts.append(tok(tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        answers.append(messages[1]["content"].rsplit("####", 1)[1].strip().replace(",", ""))
+    table = pa.table({"prompt_input_ids": pa.array(prompts, pa.list_(pa.int32())), "answer": pa.array(answers, pa.string())})
+    return _finish(Path(out), table, tok, {"rows_out": n})
+
+
+def grpo_config(**settings):
+    from trlm.stages.grpo import GRPOStageConfig
+
+    train_keys = ("batch_size", "learning_rate", "lr_scheduler", "max_steps", "precision", "seed", "save_steps", "save_total_limit", "grad_accum_steps")
+    train = {k: settings.pop(k) for k in train_keys if k in settings}
+    base = dict(batch_size=2, learning_rate=1e-3, lr_scheduler="constant", max_steps=2, precision="fp32", seed=0, save_steps=100)
+    data = {"spec": "test", "chat_template": "x", "max_length": 96}
+    extra = dict(num_generations=3, max_completion_length=6, rewards={"contains_seven": 1.0, "short_answer": 0.5})
+    return GRPOStageConfig.model_validate({"data": data, "train": {**base, **train}, **{**extra, **settings}})

@@ -63,6 +63,7 @@ __all__ = [
     "token_accuracy_counts",
     "chunked_sft_loss_sum",
     "chunked_sequence_logps",
+    "chunked_token_logps",
     "dpo_loss",
     "dpo_metrics",
     "neftune_noise",
@@ -290,6 +291,13 @@ def chunked_sequence_logps(
     n_rows = labels.shape[0]
     logps_sum = token_logps.new_zeros(n_rows).index_add(0, rows, token_logps)
     return logps_sum, reduce(mask.long(), "b t -> b", "sum")
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """log p of every target token, float32 [N], in row-major order (for per-token policy losses)."""
+    return _chunked_token_logps(hidden, lm_head_weight, labels, chunk_size, ignore_index)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Sampling a group of completions of one prompt with the KV cache, each sample from its own seed.
+
+    completions = sample_group(model, prompt_ids, seeds=[s0, s1, ...], max_new_tokens=64, eos_id=2)
+
+The prompt runs through the model once: its keys and values are computed for one row and the cache
+is repeated G times (`DynamicCache.batch_repeat_interleave`); then every new token is one forward
+of G rows of length 1. All G rows share the prompt, so there is no padding; a row that has emitted
+`eos_id` keeps being fed `eos_id` and what follows is dropped.
+
+Determinism: sample g draws its tokens from its own `torch.Generator` seeded with `seeds[g]`
+(the caller derives it from (seed, step, prompt, sample index)), on the CPU, so a completion does
+not depend on which other samples share its batch, on the number of processes, or on a resume.
+
+The decoding forward uses transformers' "sdpa" attention (which handles a query shorter than its
+keys; the training kernel "packed_sdpa" is causal over equal lengths) and is switched back after.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+def filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (nucleus), renormalised. probs [G, V]."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
+    sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+@contextmanager
+def decoding_attention(model):
+    """The model's attention switched to "sdpa" for decoding with a cache, restored afterwards."""
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if before != "sdpa":
+            model.set_attn_implementation(before)
+
+
+def _next_logits(model, input_ids, position_ids, cache) -> torch.Tensor:
+    """Backbone + lm_head on the last position only (the stages replace `forward` by a loss-head forward)."""
+    hidden = model.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True).last_hidden_state
+    return model.lm_head(hidden[:, -1]).float()
+
+
+@torch.no_grad()
+def sample_group(model, prompt_ids: list[int], *, seeds: list[int], max_new_tokens: int, eos_id: int,
+                 temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
+    """G = len(seeds) completions of `prompt_ids`: each a list of token ids, ending with `eos_id`
+    unless it was cut at `max_new_tokens`. `model` is a plain (unwrapped) causal LM."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
+    n, p = len(seeds), len(prompt_ids)
+    was_training = model.training
+    model.eval()
+    with decoding_attention(model):
+        cache = DynamicCache()
+        logits = _next_logits(model, torch.tensor([prompt_ids], device=device), None, cache)
+        cache.batch_repeat_interleave(n)
+        logits = logits.expand(n, -1)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        for t in range(max_new_tokens):
+            probs = filter_top_p(torch.softmax(logits.cpu() / max(temperature, 1e-6), dim=-1), top_p)
+            step = [int(torch.multinomial(probs[g], 1, generator=generators[g])) if not done[g] else eos_id for g in range(n)]
+            for g, token in enumerate(step):
+                if not done[g]:
+                    tokens[g].append(token)
+                    done[g] = token == eos_id
+            if all(done) or t == max_new_tokens - 1:
+                break
+            position = torch.full((n, 1), p + t, device=device)
+            logits = _next_logits(model, torch.tensor(step, device=device)[:, None], position, cache)
+    model.train(was_training)
+    return tokens
