@@ -333,7 +333,7 @@ STAGE = Stage(
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(argv, train_dpo, "Preference optimisation stage (dpo).", (STAGE.name,), DPOStageConfig)
+    stage_main(argv, train_dpo, "Preference optimisation stage (dpo).", (STAGE.name,), DPOStageConfig, inputs=STAGE.launch_inputs)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ STAGE = Stage(
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(argv, train_grpo, "GRPO stage: online RL with verifiable rewards.", (STAGE.name,), GRPOStageConfig)
+    stage_main(argv, train_grpo, "GRPO stage: online RL with verifiable rewards.", (STAGE.name,), GRPOStageConfig, inputs=STAGE.launch_inputs)
 
 
 if __name__ == "__main__":

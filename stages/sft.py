@@ -159,7 +159,8 @@ SFT_THINK = _declare("sft-think", "reasoning SFT with <think> traces")
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(argv, train_sft, "Supervised fine-tuning stage (sft-general / sft-think).", (SFT_GENERAL.name, SFT_THINK.name), SFTStageConfig)
+    stage_main(argv, train_sft, "Supervised fine-tuning stage (sft-general / sft-think).", (SFT_GENERAL.name, SFT_THINK.name), SFTStageConfig,
+               inputs=SFT_GENERAL.launch_inputs)
 
 
 if __name__ == "__main__":

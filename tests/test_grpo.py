@@ -234,3 +234,20 @@ def test_resume_after_crash_is_bit_identical(tmp_path, tiny_model_dir, grpo_data
     for (_, a), (_, b) in zip(full_logs[2:], resumed_logs):
         assert a["reward"] == b["reward"] and a["loss"] == b["loss"]
     assert any(a["loss"] != 0 for _, a in full_logs)  # it trained
+
+
+def test_stage_cli_takes_its_declared_inputs(tmp_path, tiny_model_dir, grpo_data, capsys):
+    """`python -m trlm.stages.grpo`: one `--<input>-dir` per declared launch input (model, data)."""
+    import yaml
+
+    from trlm.stages import grpo
+
+    assert grpo.STAGE.launch_inputs == ("model", "data")
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump(grpo_config(max_steps=1).model_dump(mode="json")))
+    with pytest.raises(SystemExit) as info:
+        grpo.main(["--config", str(config), "--model-dir", str(tiny_model_dir), "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--data-dir {tmp_path}: no train.parquet there" in err
+    grpo.main(["--config", str(config), "--model-dir", str(tiny_model_dir), "--data-dir", str(grpo_data), "--out-dir", str(tmp_path / "out")])
+    assert '"steps": 1' in capsys.readouterr().out

@@ -1,7 +1,10 @@
 """The command line of the training stages: `python -m trlm.stages.sft` / `python -m trlm.stages.dpo`.
 
     --config FILE (JSON or YAML, one stage config) | --recipe NAME_OR_PATH [--stage S] [--set K=V ...]
-    --model-dir DIR --data-dir DIR --out-dir DIR
+    --<input>-dir DIR for each input the stage declares (`Stage.launch_inputs`: model, data) --out-dir DIR
+
+The input arguments come from the stage's declaration, the same names the flow passes under
+torchrun (`flows/launch.py`); each becomes the keyword `<input>_dir` of the stage's train function.
 
 Every input problem (missing file or directory, invalid or duplicated key, wrong stage) exits with
 code 2 and one message before any compute. One JSON line per logged step, then the summary.
@@ -16,20 +19,25 @@ from pathlib import Path
 from typing import Callable
 
 
-def stage_argument_parser(description: str, default_stage: str) -> argparse.ArgumentParser:
+# What a known input's directory must hold (an unknown input only has to be a directory).
+INPUT_CHECKS = {"model": ("config.json", "want a Hugging Face checkpoint directory"),
+                "data": ("train.parquet", "want a directory written by data-prep")}
+
+
+def stage_argument_parser(description: str, default_stage: str, inputs: tuple[str, ...] = ("model", "data")) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="JSON or YAML file holding the stage config")
     source.add_argument("--recipe", help="recipe name or path; the stage config is taken from it")
     parser.add_argument("--stage", default=default_stage, help=f"stage of the recipe (default {default_stage})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, e.g. sft_think.train.max_steps=20")
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--data-dir", type=Path, required=True)
+    for name in inputs:
+        parser.add_argument(f"--{name}-dir", type=Path, required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
     return parser
 
 
-def parse_stage_args(argv: list[str] | None, description: str, stages: tuple[str, ...], config_cls):
+def parse_stage_args(argv: list[str] | None, description: str, stages: tuple[str, ...], config_cls, inputs: tuple[str, ...] = ("model", "data")):
     """Parse a stage CLI's arguments and load its config; every input problem exits with code 2 and
     one message (missing file or directory, invalid config, duplicate key, wrong stage) before any compute.
 
@@ -39,12 +47,15 @@ def parse_stage_args(argv: list[str] | None, description: str, stages: tuple[str
 
     from trlm.recipe import RecipeError, format_validation_error, load_section, section_name
 
-    parser = stage_argument_parser(description, stages[0])
+    parser = stage_argument_parser(description, stages[0], inputs)
     args = parser.parse_args(argv)
-    if not (args.model_dir / "config.json").is_file():
-        parser.error(f"--model-dir {args.model_dir}: no config.json there (want a Hugging Face checkpoint directory)")
-    if not (args.data_dir / "train.parquet").is_file():
-        parser.error(f"--data-dir {args.data_dir}: no train.parquet there (want a directory written by data-prep)")
+    for name in inputs:
+        path = getattr(args, f"{name}_dir")
+        required, what = INPUT_CHECKS.get(name, (None, "want a directory"))
+        if required is not None and not (path / required).is_file():
+            parser.error(f"--{name}-dir {path}: no {required} there ({what})")
+        if required is None and not path.is_dir():
+            parser.error(f"--{name}-dir {path}: not a directory")
     if args.config is not None:
         import yaml
 
@@ -72,15 +83,18 @@ def parse_stage_args(argv: list[str] | None, description: str, stages: tuple[str
     return args, cfg
 
 
-def stage_main(argv: list[str] | None, train_stage: Callable[..., dict], description: str, stages: tuple[str, ...], config_cls) -> None:
-    """`python -m trlm.stages.<stage>`: one JSON line per logged step, then the summary (once under torchrun)."""
+def stage_main(argv: list[str] | None, train_stage: Callable[..., dict], description: str, stages: tuple[str, ...], config_cls,
+               inputs: tuple[str, ...] = ("model", "data")) -> None:
+    """`python -m trlm.stages.<stage>`: one JSON line per logged step, then the summary (once under torchrun).
+    `inputs`: the stage's declared launch inputs, each passed to `train_stage` as `<input>_dir`."""
     from tqdm.auto import tqdm
 
-    args, cfg = parse_stage_args(argv, description, stages, config_cls)
+    args, cfg = parse_stage_args(argv, description, stages, config_cls, inputs)
 
     def print_metrics(metrics: dict[str, float], step: int) -> None:
         tqdm.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}))
 
-    summary = train_stage(cfg, model_dir=args.model_dir, data_dir=args.data_dir, out_dir=args.out_dir, on_log=print_metrics)
+    dirs = {f"{name}_dir": getattr(args, f"{name}_dir") for name in inputs}
+    summary = train_stage(cfg, **dirs, out_dir=args.out_dir, on_log=print_metrics)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, once
         print(json.dumps(summary, indent=1))
