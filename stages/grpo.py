@@ -83,6 +83,8 @@ class GRPOStageConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     scale_rewards: Literal["group", "none"] = "group"
     drop_zero_variance_groups: Bool = False
+    sample_threads: PositiveInt | None = Field(None, description="CPU intra-op threads while sampling (1 is far faster on a busy "
+                                               "shared CPU); None keeps the process setting. Changes no output")
     sample_steps: Int = Field(3, ge=0, description="write samples/step-N.jsonl for the first N steps")
 
     @field_validator("rewards")
@@ -110,7 +112,7 @@ def _sample_micro_batch(cfg, setup, policy, rows, step: int, weights: dict[str, 
         answer = data["answer"][row]
         seeds = [sample_seed(cfg.train.seed, step, int(row), k) for k in range(g)]
         for completion in sample_group(policy, prompt, seeds=seeds, max_new_tokens=cfg.max_completion_length, eos_id=setup.pad_id,
-                                       temperature=cfg.temperature, top_p=cfg.top_p):
+                                       temperature=cfg.temperature, top_p=cfg.top_p, num_threads=cfg.sample_threads):
             ended = completion[-1] == setup.pad_id
             truncated += not ended
             text = tok.decode(completion[:-1] if ended else completion, skip_special_tokens=False)

@@ -155,7 +155,9 @@ def test_sampling_is_seeded_per_sample_and_uses_the_cache_correctly(tiny_policy)
 
     prompt = [1, 520, 1300, 42, 7, 99]
     a = sample_group(tiny_policy, prompt, seeds=[11, 12, 13], max_new_tokens=8, eos_id=2)
-    b = sample_group(tiny_policy, prompt, seeds=[13, 11], max_new_tokens=8, eos_id=2)
+    threads = torch.get_num_threads()
+    b = sample_group(tiny_policy, prompt, seeds=[13, 11], max_new_tokens=8, eos_id=2, num_threads=1)  # threads change no sample
+    assert torch.get_num_threads() == threads  # restored
     assert [len(x) for x in a] == [8, 8, 8] and b == [a[2], a[0]]  # a sample depends on its seed only
     assert a[0] != a[1]
     # greedy-like decoding with the cache equals decoding without it (full forward each token)

@@ -11,6 +11,11 @@ Determinism: sample g draws its tokens from its own `torch.Generator` seeded wit
 (the caller derives it from (seed, step, prompt, sample index)), on the CPU, so a completion does
 not depend on which other samples share its batch, on the number of processes, or on a resume.
 
+CPU threads: decoding is many small matmuls. On a CPU shared with other busy processes, 2 intra-op
+threads spin-wait on each other at every op (measured here: a 2-layer model's 16-token decode took
+18 s with 2 threads under a load of 8; eval/config.py measured the same for lm-eval's decoding), so
+`num_threads` (e.g. 1) sets the threads for the decoding only, restored afterwards.
+
 The decoding forward uses transformers' "sdpa" attention (which handles a query shorter than its
 keys; the training kernel "packed_sdpa" is causal over equal lengths) and is switched back after.
 """
@@ -52,9 +57,20 @@ def _next_logits(model, input_ids, position_ids, cache) -> torch.Tensor:
     return model.lm_head(hidden[:, -1]).float()
 
 
+@contextmanager
+def intra_op_threads(n: int | None):
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def sample_group(model, prompt_ids: list[int], *, seeds: list[int], max_new_tokens: int, eos_id: int,
-                 temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
+                 temperature: float = 1.0, top_p: float = 1.0, num_threads: int | None = None) -> list[list[int]]:
     """G = len(seeds) completions of `prompt_ids`: each a list of token ids, ending with `eos_id`
     unless it was cut at `max_new_tokens`. `model` is a plain (unwrapped) causal LM."""
     from transformers import DynamicCache
@@ -64,7 +80,7 @@ def sample_group(model, prompt_ids: list[int], *, seeds: list[int], max_new_toke
     n, p = len(seeds), len(prompt_ids)
     was_training = model.training
     model.eval()
-    with decoding_attention(model):
+    with decoding_attention(model), intra_op_threads(num_threads):
         cache = DynamicCache()
         logits = _next_logits(model, torch.tensor([prompt_ids], device=device), None, cache)
         cache.batch_repeat_interleave(n)
