@@ -24,7 +24,7 @@ from trlm.data_spec import RowError, gsm8k_think, load_data_spec, resolve_rows
 from trlm.recipe import mixtures
 from trlm.stages.registry import get_stage, load_recipe
 
-TRAINING_STAGES = ("sft-general", "sft-think", "dpo")
+TRAINING_STAGES = ("sft-general", "sft-think", "dpo", "grpo")
 from trlm.stages.data_prep import IGNORE, DataValidationError, prepare_data, prepare_mixture
 
 THINK, THINK_CLOSE, IM_END, IM_START = "<think>", "</think>", "<|im_end|>", "<|im_start|>"
@@ -35,6 +35,7 @@ SLICES = {
     "teknium1__GPTeacher/roleplay.jsonl": 5,
     "teknium1__GPTeacher/codegen.jsonl": 5,
     "openai__gsm8k/messages/train.jsonl": 5,
+    "openai__gsm8k/main/train.jsonl": 5,
     "Anthropic__hh-rlhf/harmless-base/test.jsonl.gz": 6,
 }
 SPECS = {
@@ -54,8 +55,13 @@ SPECS = {
         "name": "test-dpo", "kind": "preference",
         "sources": [{"name": "hh", "path": "Anthropic__hh-rlhf/harmless-base/test.jsonl.gz", "rows": 4, "transform": "hh_rlhf_pairs"}],
     },
+    "grpo": {
+        "name": "test-grpo", "kind": "prompt_answer",
+        "sources": [{"name": "gsm8k", "path": "openai__gsm8k/main/train.jsonl", "rows": 4, "columns": {"prompt": "question"},
+                     "transform": "gsm8k_prompt_answer"}],
+    },
 }
-ROWS_SELECTED = {"sft-general": 7, "sft-think": 4, "dpo": 4}
+ROWS_SELECTED = {"sft-general": 7, "sft-think": 4, "dpo": 4, "grpo": 4}
 
 
 def _open(path: Path, mode: str):
@@ -155,7 +161,7 @@ def prepared(smoke, tiny_model_dir, slices_root, tmp_path_factory) -> tuple[Path
 
 def test_outputs_exist(prepared):
     out, summary = prepared
-    assert sorted(p.name for p in out.iterdir()) == ["data_root.json", "dpo", "fingerprint.json", "sft-general", "sft-think"]
+    assert sorted(p.name for p in out.iterdir()) == ["data_root.json", "dpo", "fingerprint.json", "grpo", "sft-general", "sft-think"]
     assert json.loads((out / "data_root.json").read_text())["origin"] == "TRLM_DATA_ROOT"
     assert sorted(p.name for p in out.parent.iterdir()) == ["output"]  # no temporaries left
     for stage in TRAINING_STAGES:
@@ -197,6 +203,10 @@ def test_stats_are_consistent(prepared, stage, smoke, slices_root):
         assert stats["total_tokens"] == sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
         assert stats["loss_mask"] == "completion"
         assert stats["truncated"] <= sum(1 for r in rows if max_length in (len(r["chosen_input_ids"]), len(r["rejected_input_ids"])))
+    elif stage == "grpo":
+        lengths = [len(r["prompt_input_ids"]) for r in rows]
+        assert stats["total_tokens"] == sum(lengths) and stats["target_tokens"] is None and stats["truncated"] == 0
+        assert all(r["answer"].lstrip("-").replace(".", "").isdigit() for r in rows)
     else:
         lengths = [len(r["input_ids"]) for r in rows]
         assert stats["total_tokens"] == sum(lengths)
@@ -565,6 +575,9 @@ def _bad_recipe(tmp_path, tiny_model_dir, policy: str, bad_stage: str = "sft-gen
             rows = [pair("Is water wet?", "Yes.", "No.")] + ([pair("Same?", "Same.", "Same.")] if bad_stage == "dpo" else [])
             specs[stage] = {"name": stage, "kind": "preference", "sources": [{"name": "p", "path": "bad/pairs.jsonl"}]}
             write_jsonl(root / "bad/pairs.jsonl", rows)
+        elif stage == "grpo":
+            specs[stage] = {"name": stage, "kind": "prompt_answer", "sources": [{"name": "q", "path": "bad/prompts.jsonl"}]}
+            write_jsonl(root / "bad/prompts.jsonl", [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4"}])
         else:
             rel = f"bad/{stage}.jsonl"
             rows = [GOOD] + ([BAD_SFT[0][0]] if stage == bad_stage else [])
