@@ -66,6 +66,37 @@ def _print_plan(plans, title: str, done_as: str = "done") -> None:
         typer.echo(f"  {p.stage:<12} {state:<8} {(p.key or '-')[:12]:<14} {p.artifact_path or p.note or '-'}")
 
 
+def _check_servers(r) -> None:
+    """A tracking or Prefect server that does not answer is one error line within seconds (MLflow's
+    own client would retry for minutes first), naming the server and the setting to check."""
+    from trlm.artifacts import mask_uri
+
+    uri = r.resolved_tracking_uri
+    if uri.startswith(("http://", "https://")) and (why := _unreachable(uri.rstrip("/") + "/health")):
+        setting = "the recipe's tracking_uri" if r.tracking_uri else "--tracking-uri / MLFLOW_TRACKING_URI"
+        _fail(f"the MLflow tracking server {mask_uri(uri)} does not answer ({why}): start it, or check {setting}")
+    api = os.environ.get("PREFECT_API_URL")
+    if api and (why := _unreachable(api.rstrip("/") + "/health")):
+        _fail(f"the Prefect server {mask_uri(api)} does not answer ({why}): start it (`trlm up`), or check PREFECT_API_URL")
+
+
+def _unreachable(url: str, timeout_s: float = 5.0, tries: int = 2) -> str | None:
+    """Why `url` does not answer 200 (None when it does); credentials in the URL are sent, never shown."""
+    import requests
+
+    why = ""
+    for attempt in range(tries):
+        try:
+            response = requests.get(url, timeout=timeout_s)
+            if response.status_code == 200:
+                return None
+            why = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            why = type(exc).__name__
+        time.sleep(1.0 * (attempt + 1) if attempt + 1 < tries else 0)
+    return why
+
+
 def _answers(url: str, timeout_s: float = 2.0) -> bool:
     import urllib.request
 
@@ -96,6 +127,7 @@ def run(
     t0 = time.time()
     r, overrides = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
+    _check_servers(r)
     from trlm.stages.registry import PIPELINE, get_stage, stage_names
 
     try:
@@ -128,8 +160,9 @@ def run(
         return
     from trlm.artifacts import mask_secrets, mask_uri
     from trlm.flows.pipeline import pipeline
-    from trlm.servers import prefect_target
+    from trlm.servers import PREFECT_DIR, prefect_target
 
+    (r.work_path / PREFECT_DIR).mkdir(parents=True, exist_ok=True)  # a temporary server's database
     log_file = route_tracebacks(r.work_path, verbose)
     typer.echo(f"Prefect: this run reports to {prefect_target()}")
     typer.echo(f"MLflow:  tracking at {mask_uri(r.resolved_tracking_uri)}")
@@ -183,6 +216,7 @@ def status(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     """Each stage's key, state (done / stale / missing) and artifact path."""
     r, _ = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
+    _check_servers(r)
     from trlm.artifacts import mask_uri
     from trlm.runs.lineage import plan
     from trlm.runs.tracking import setup_tracking

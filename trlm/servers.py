@@ -186,8 +186,7 @@ def use_work_dir_servers(work_dir: Path) -> None:
         _applied["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     if "MLFLOW_TRACKING_URI" not in os.environ and (url := own_mlflow_url(work_dir)):
         _applied["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"] = url
-    if not any(v in os.environ for v in _DB_VARS):
-        (work_dir / PREFECT_DIR).mkdir(parents=True, exist_ok=True)
+    if not any(v in os.environ for v in _DB_VARS):  # its folder is made when a flow starts (`trlm run`)
         os.environ[_DB_VARS[0]] = prefect_database_url(work_dir)
 
 
