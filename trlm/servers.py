@@ -186,6 +186,8 @@ def use_work_dir_servers(work_dir: Path) -> None:
         _applied["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     if "MLFLOW_TRACKING_URI" not in os.environ and (url := own_mlflow_url(work_dir)):
         _applied["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"] = url
+    # Prefect gives its temporary server 20 s to start, which a loaded 2-core machine can miss.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     if not any(v in os.environ for v in _DB_VARS):  # its folder is made when a flow starts (`trlm run`)
         os.environ[_DB_VARS[0]] = prefect_database_url(work_dir)
 
