@@ -10,7 +10,8 @@ cache hooks) and changes *how* the loglikelihood requests are computed:
   become one row: the context once, then each continuation (less its last token), with position ids
   restarting after the context for each continuation and a 4D attention mask in which a continuation
   sees the context and itself only (per-document attention, as DPO's shared prompt in training). The
-  FLOPs are the context once plus the continuations, not the context once per choice.
+  FLOPs are the context once plus the continuations, not the context once per choice. `batch_size`
+  rows (longest first, right-padded, padding seeing only padding) go through the model together.
 * **Logits only where they are scored.** The backbone's hidden states are gathered at the positions
   that predict a continuation token, and only those go through `lm_head` and `log_softmax`.
 
@@ -99,10 +100,14 @@ class TrlmLM(HFLM):
         if too_long:
             for i, answer in zip(too_long, super()._loglikelihood_tokens([requests[i] for i in too_long], disable_tqdm=True)):
                 results[i] = answer
-        # longest first, as HFLM, so that a memory problem shows at once
-        for ctx in sorted(groups, key=lambda c: -len(c)):
-            for part in self._split(ctx, groups[ctx], requests):
-                for i, answer in zip(part, self._score_group(list(ctx), [requests[i][2] for i in part])):
+        rows = [(list(ctx), part) for ctx in groups for part in self._split(ctx, groups[ctx], requests)]
+        rows.sort(key=lambda r: -(len(r[0]) + sum(len(requests[i][2]) - 1 for i in r[1])))  # longest first, as HFLM
+        step = max(1, int(self.batch_size)) if self.batch_size != "auto" else 1
+        for b in range(0, len(rows), step):
+            batch = rows[b:b + step]
+            answers = self._score_rows([(ctx, [requests[i][2] for i in part]) for ctx, part in batch])
+            for (_, part), row_answers in zip(batch, answers):
+                for i, answer in zip(part, row_answers):
                     results[i] = answer
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
@@ -121,14 +126,13 @@ class TrlmLM(HFLM):
         parts.append(part)
         return parts
 
-    def _score_group(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
-        """(log-likelihood, is_greedy) of each continuation after `ctx`, from one forward pass."""
-        import torch
-        import torch.nn.functional as F
-
+    @staticmethod
+    def _layout(ctx: list[int], conts: list[list[int]]):
+        """One packed row: tokens, position ids, document ids (0 = context, j = continuation j), and for
+        each continuation the row positions whose logits predict its tokens."""
         n_ctx = len(ctx)
         tokens, positions, doc = list(ctx), list(range(n_ctx)), [0] * n_ctx
-        scored_at: list[list[int]] = []  # row positions whose logits predict each continuation's tokens
+        scored_at: list[list[int]] = []
         for j, cont in enumerate(conts, start=1):
             start = len(tokens)
             body = cont[:-1]
@@ -136,29 +140,46 @@ class TrlmLM(HFLM):
             positions += range(n_ctx, n_ctx + len(body))
             doc += [j] * len(body)
             scored_at.append([n_ctx - 1, *range(start, start + len(body))])
-        device = self.device
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        pos = torch.tensor([positions], dtype=torch.long, device=device)
-        d = torch.tensor(doc, device=device)
-        p = torch.tensor(positions, device=device)
+        return tokens, positions, doc, scored_at
+
+    def _score_rows(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
+        """(log-likelihood, is_greedy) of each continuation after its row's context, one forward pass for
+        the batch. Rows are right-padded; a padding query sees only padding (doc -1), no real one does."""
+        import torch
+        import torch.nn.functional as F
+
+        device, dtype = self.device, self.model.dtype
+        layouts = [self._layout(ctx, conts) for ctx, conts in rows]
+        width = max(len(t) for t, *_ in layouts)
+        ids = torch.full((len(rows), width), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        doc = torch.full((len(rows), width), -1, dtype=torch.long)
+        flat: list[int] = []
+        for r, (tokens, positions, docs, scored_at) in enumerate(layouts):
+            n = len(tokens)
+            ids[r, :n], pos[r, :n], doc[r, :n] = torch.tensor(tokens), torch.tensor(positions), torch.tensor(docs)
+            flat += [r * width + q for at in scored_at for q in at]
         # query q sees key k when k is not after q, and k is in the context or in q's own continuation
-        allowed = (p[None, :] <= p[:, None]) & ((d[None, :] == 0) | (d[None, :] == d[:, None]))
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None):
+        allowed = (pos[:, None, :] <= pos[:, :, None]) & ((doc[:, None, :] == 0) | (doc[:, None, :] == doc[:, :, None]))
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        amp = dict(device_type=device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None)
+        with torch.no_grad(), torch.autocast(**amp):
             backbone = getattr(self.model, self.model.base_model_prefix)
-            hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask[None, None], use_cache=False).last_hidden_state[0]
-            flat = torch.tensor([q for at in scored_at for q in at], dtype=torch.long, device=device)
-            logits = self.model.get_output_embeddings()(hidden.index_select(0, flat))
+            hidden = backbone(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask[:, None].to(device),
+                              use_cache=False).last_hidden_state
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, dtype=torch.long, device=device))
+            logits = self.model.get_output_embeddings()(picked)
         logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-        answers, offset = [], 0
-        for cont in conts:
-            rows = logprobs[offset:offset + len(cont)]
-            offset += len(cont)
-            target = torch.tensor(cont, dtype=torch.long, device=device)
-            greedy = bool((rows.argmax(dim=-1) == target).all())
-            answers.append((float(rows.gather(1, target[:, None]).sum()), greedy))
-        return answers
+        out, offset = [], 0
+        for _, conts in rows:
+            answers = []
+            for cont in conts:
+                scored = logprobs[offset:offset + len(cont)]
+                offset += len(cont)
+                target = torch.tensor(cont, dtype=torch.long, device=device)
+                answers.append((float(scored.gather(1, target[:, None]).sum()), bool((scored.argmax(dim=-1) == target).all())))
+            out.append(answers)
+        return out
 
     # --- generation: HFLM's, in wider batches -----------------------------------------------------
 
