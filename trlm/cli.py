@@ -2,7 +2,7 @@
 
     trlm run [--recipe NAME_OR_PATH] [--only STAGE | --from STAGE] [--force STAGE] [--set key=value]
     trlm status [--recipe ...] [--json]
-    trlm eval --model PATH_OR_HUB_ID [--tasks a,b] [--limit N] [--json]
+    trlm eval --model PATH_OR_HUB_ID [--tasks a,b] [--limit N] [--backend trlm|hf] [--json]
     trlm report [--recipe ...]
     trlm up | trlm serve | trlm stages
 
@@ -240,6 +240,7 @@ def eval_command(
     profile: Annotated[str, typer.Option("--profile", help="full (every item) or smoke")] = "full",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     max_gen_toks: Annotated[Optional[int], typer.Option("--max-gen-toks")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="trlm (shared contexts scored once) or hf (lm-eval's HFLM, the reference) [default: the recipe's]")] = None,
     recipe: RecipeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the results document as JSON on stdout")] = False,
 ) -> None:
@@ -255,7 +256,7 @@ def eval_command(
             updates["sample"] = sample
     if tasks:
         updates["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
-    for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks)):
+    for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks), ("backend", backend)):
         if value is not None:
             updates[name] = value
     try:
@@ -272,6 +273,7 @@ def eval_command(
         for metric, m in metrics.items():
             stderr = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
             typer.echo(f"{task:<28} {metric:<36} {m['value']:.4f}{stderr}  (n={m.get('n')})")
+    typer.echo(f"backend {doc['settings'].get('backend')}, evaluate wall {doc['settings'].get('wall_s')} s")
 
 
 @app.command()
