@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -67,50 +66,11 @@ def _print_plan(plans, title: str, done_as: str = "done") -> None:
 
 
 def _check_servers(r) -> None:
-    """A tracking or Prefect server that does not answer is one error line within seconds (MLflow's
-    own client would retry for minutes first), naming the server and the setting to check."""
-    from trlm.artifacts import mask_uri
+    """A tracking or Prefect server that does not answer: one error line within seconds."""
+    from trlm.servers import server_problem
 
-    uri = r.resolved_tracking_uri
-    if uri.startswith(("http://", "https://")) and (why := _unreachable(uri.rstrip("/") + "/health")):
-        setting = "the recipe's tracking_uri" if r.tracking_uri else "--tracking-uri / MLFLOW_TRACKING_URI"
-        _fail(f"the MLflow tracking server {mask_uri(uri)} does not answer ({why}): start it, or check {setting}")
-    api = os.environ.get("PREFECT_API_URL")
-    if api and (why := _unreachable(api.rstrip("/") + "/health")):
-        _fail(f"the Prefect server {mask_uri(api)} does not answer ({why}): start it (`trlm up`), or check PREFECT_API_URL")
-
-
-def _unreachable(url: str, timeout_s: float = 5.0, tries: int = 2) -> str | None:
-    """Why `url` does not answer 200 (None when it does); credentials in the URL are sent, never shown."""
-    import requests
-
-    why = ""
-    for attempt in range(tries):
-        try:
-            response = requests.get(url, timeout=timeout_s)
-            if response.status_code == 200:
-                return None
-            why = f"HTTP {response.status_code}"
-        except requests.RequestException as exc:
-            why = type(exc).__name__
-        time.sleep(1.0 * (attempt + 1) if attempt + 1 < tries else 0)
-    return why
-
-
-def _answers(url: str, timeout_s: float = 2.0) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
+    if (problem := server_problem(r.resolved_tracking_uri, from_recipe=bool(r.tracking_uri))) is not None:
+        _fail(problem)
 
 
 @app.command()
@@ -273,7 +233,8 @@ def eval_command(
         for metric, m in metrics.items():
             stderr = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
             typer.echo(f"{task:<28} {metric:<36} {m['value']:.4f}{stderr}  (n={m.get('n')})")
-    typer.echo(f"backend {doc['settings'].get('backend')}, evaluate wall {doc['settings'].get('wall_s')} s")
+    settings = doc.get("settings") or {}
+    typer.echo(f"backend {settings.get('backend')}, evaluate wall {settings.get('wall_s')} s")
 
 
 @app.command()
@@ -315,7 +276,7 @@ def up(recipe: RecipeOpt = None,
     import subprocess
 
     from trlm.artifacts import mask_uri
-    from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, record_server, recorded_process
+    from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, port_in_use, record_server, recorded_process, wait_for
 
     r, _ = _load(recipe, None)
     work = r.work_path
@@ -331,7 +292,7 @@ def up(recipe: RecipeOpt = None,
     if not store.startswith("sqlite"):
         _fail(f"the tracking store is a server already ({mask_uri(store)}, from MLFLOW_TRACKING_URI or the recipe): "
               "`trlm up` serves the work dir's own SQLite store; use that server's UI, or unset the setting")
-    busy = [f"{name} port {port}" for name, port in ports.items() if _port_in_use(port)]
+    busy = [f"{name} port {port}" for name, port in ports.items() if port_in_use(port)]
     if busy:
         _fail(f"already in use on 127.0.0.1: {', '.join(busy)} (another server?); choose other ports with --prefect-port/--mlflow-port")
     bin_dir = Path(sys.executable).parent
@@ -356,7 +317,10 @@ def up(recipe: RecipeOpt = None,
         started[name] = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         record_server(logs / f"{name}.pid", started[name].pid, cmd, port=ports[name], work_dir=work)
     health = {"prefect": f"http://127.0.0.1:{prefect_port}/api/health", "mlflow": f"http://127.0.0.1:{mlflow_port}/health"}
-    _wait_for(health, started, logs, timeout)
+    try:
+        wait_for(health, started, timeout, lambda line: typer.echo(line, err=True))
+    except RuntimeError as exc:
+        _fail(f"{exc}; see the logs in {logs} (stop the servers with `trlm down`)")
     typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   (API http://127.0.0.1:{prefect_port}/api; database {work / PREFECT_DIR})")
     typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {mask_uri(store)}; artifacts {work / ARTIFACTS_DIR})")
     # Through the server: the experiment exists for the links, with MLflow's training-runs views.
@@ -369,25 +333,6 @@ def up(recipe: RecipeOpt = None,
                "   (expand a pipeline run for its stages)")
     typer.echo(f"  registry: http://127.0.0.1:{mlflow_port}/#/models/{r.name}?workflowType=machine_learning")
     typer.echo(f"`trlm run` and `trlm serve` with this work dir use these servers by themselves. Logs and pids: {logs}. Stop: trlm down")
-
-
-def _wait_for(health: dict[str, str], started: dict, logs: Path, timeout_s: int) -> None:
-    """Until every server answers its health URL (and is still our process), with progress."""
-    t0 = time.time()
-    pending, said = dict(health), t0
-    while pending and time.time() - t0 < timeout_s:
-        for name, url in list(pending.items()):
-            if started[name].poll() is not None:
-                _fail(f"the {name} server exited while starting (code {started[name].returncode}); see {logs / f'{name}.log'} "
-                      "(stop the other one with `trlm down`)")
-            if _answers(url):  # answering, and still our process (it has not exited)
-                pending.pop(name)
-        if pending and time.time() - said > 15:
-            said = time.time()
-            typer.echo(f"  waiting for {', '.join(pending)} ({time.time() - t0:.0f} s)...", err=True)
-        time.sleep(0.5)
-    if pending:
-        _fail(f"server(s) did not answer within {timeout_s} s: {', '.join(pending)}; see logs in {logs} (stop them with `trlm down`)")
 
 
 @app.command()
