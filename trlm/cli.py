@@ -233,8 +233,7 @@ def eval_command(
         for metric, m in metrics.items():
             stderr = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
             typer.echo(f"{task:<28} {metric:<36} {m['value']:.4f}{stderr}  (n={m.get('n')})")
-    settings = doc.get("settings") or {}
-    typer.echo(f"backend {settings.get('backend')}, evaluate wall {settings.get('wall_s')} s")
+    typer.echo("backend {backend}, evaluate wall {wall_s} s".format_map({"backend": None, "wall_s": None, **(doc.get("settings") or {})}))
 
 
 @app.command()
