@@ -245,6 +245,18 @@ def _chat_template(lm, tokenizer, cfg: EvalConfig) -> tuple[str | None, str | No
     return chat_template, rendered_probe
 
 
+def _model_api(model, tokenizer, cfg: EvalConfig):
+    """lm-eval's model side for `cfg.backend`: HFLM (the reference) or TrlmLM (its subclass, shared contexts once)."""
+    backend = getattr(cfg, "backend", "hf")
+    if backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size)
+    from trlm.eval.backend import TrlmLM
+
+    return TrlmLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size, gen_batch_size=cfg.gen_batch_size)
+
+
 def evaluate(
     model,
     tokenizer,
@@ -263,7 +275,6 @@ def evaluate(
     run only.
     """
     import torch
-    from lm_eval.models.huggingface import HFLM
 
     t_start = time.time()
     data_root = Path(data_root).expanduser().resolve()
@@ -276,7 +287,7 @@ def evaluate(
 
     num_threads = getattr(cfg, "num_threads", None)
     with _evaluation_mode(model, num_threads) as threads_before:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size)
+        lm = _model_api(model, tokenizer, cfg)
         chat_template, rendered_probe = _chat_template(lm, tokenizer, cfg)
         # limit: the first N items of each task, exactly lm-eval's `limit`; sample: a seeded subset of N
         run = _Run(lm=lm, tm=None, cfg=cfg, data_root=data_root, sample=getattr(cfg, "sample", None), gen_kwargs=gen_kwargs,
@@ -302,7 +313,9 @@ def evaluate(
         "system_instruction": None,
         "chat_template_sha256": _sha256_text(chat_template),
         "chat_template_rendered_probe": rendered_probe,
+        "backend": getattr(cfg, "backend", "hf"),
         "batch_size": cfg.batch_size,
+        "gen_batch_size": cfg.gen_batch_size if getattr(cfg, "backend", "hf") == "trlm" else None,
         "torch_num_threads": num_threads or threads_before,
         "max_length": lm.max_length,
         # lm-eval can cut a generation at an end-of-thinking token before scoring; the published TRLM

@@ -143,24 +143,32 @@ CHART_ROWS = (
 )
 
 
+# Metric names as the compact table shows them (the full report names each exactly).
+SHORT_METRICS = {"prompt_level_strict_acc": "prompt strict", "inst_level_strict_acc": "inst. strict", "prompt_level_loose_acc": "prompt loose",
+                 "inst_level_loose_acc": "inst. loose", "strict-match": "strict", "flexible-extract": "flexible", "get-answer": "exact"}
+
+
 def render_compact(report: dict[str, Any], png_name: str | None = None) -> str:
     """The report for a UI pane about 700 px wide (Prefect's artifact view at a 1,280 px window):
-    scores only, our columns first, short labels; standard errors, settings and notes stay in
-    `report.md`. A `≈` marks a score within 2 standard errors of the chance or majority baseline."""
+    scores only, our columns first, short labels, the two published figures in one column;
+    standard errors, baselines, settings and notes stay in `report.md`. A `≈` marks a score within
+    2 standard errors of the chance or majority-class baseline."""
     cols = report["columns"]
-    header = ["Benchmark", *cols, "chance", *(p.split("-")[0] + " pub." for p in PUBLISHED_COLUMNS)]
+    header = ["Benchmark", *cols, "published"]
     body = []
     for r in report["rows"]:
-        row, cells, base = r["row"], r["cells"], r["baseline"] or {}
+        row, cells = r["row"], r["cells"]
         if all(cells[n].get("value") is None for n in cols):
             continue  # not evaluated by any of our columns: the full report lists it
         ours = [pct(cells[n]["value"], 1) + (" ≈" if cells[n].get("flag") else "") if cells[n].get("value") is not None else DASH for n in cols]
-        published = [pct(cells[p]["value"], 1) if cells[p].get("value") is not None else DASH for p in PUBLISHED_COLUMNS]
-        body.append([f"{row.benchmark} {row.metric.split(',')[-1]}", *ours, pct(base.get("chance"), 0), *published])
+        published = " / ".join(pct(cells[p]["value"], 1) if cells[p].get("value") is not None else DASH for p in PUBLISHED_COLUMNS)
+        metric = row.metric.split(",")[-1]
+        body.append([f"{row.benchmark} {SHORT_METRICS.get(metric, metric)}", *ours, published])
     smoke = any(d and (d.get("settings") or {}).get("profile") == "smoke" for d in cols.values())
     out = ["### Evaluation" + (" (smoke subsets: a pipeline check, not benchmark estimates)" if smoke else ""), "",
-           _md_table(header, body), "", "Scores in %. ≈: within 2 standard errors of chance or of the majority class. "
-           "Standard errors, settings and notes: `report.md`.", ""]
+           _md_table(header, body), "", "Scores in %. ≈: within 2 standard errors of chance or of the majority class. Published: "
+           + " / ".join(p.split(" ")[0] for p in PUBLISHED_COLUMNS) + ". "
+           "Standard errors, baselines, settings and notes: `report.md`.", ""]
     if png_name:
         out += [f"![scores]({png_name})", ""]
     return "\n".join(out)

@@ -15,8 +15,11 @@ What it does, top to bottom (`run`):
 `trlm report` rebuilds the report from the recorded sub-step results (`report` below), with a dash
 for every model that has none.
 
-Trade-offs: models are evaluated one after another in this process (lm-eval's HF backend, one
-device); the stage's own output is cheap to rebuild, so its key covers the report code too.
+Trade-offs: models are evaluated one after another in this process, on one device, through the
+backend `eval.backend` names (`trlm`, the default: `trlm.eval.backend.TrlmLM`, each shared context
+scored once; `hf`: lm-eval's HFLM, the reference). The backend is an eval setting, so it is in each
+sub-step's key and in the recorded settings. The stage's own output is cheap to rebuild, so its key
+covers the report code too.
 """
 
 from __future__ import annotations

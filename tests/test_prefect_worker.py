@@ -210,9 +210,10 @@ def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_it(service):
     flow_run = run_deployment("trlm-pipeline/trlm-manual", parameters=slow, timeout=0)
     artifacts = Path(yaml.safe_load(service["recipe"].read_text())["work_dir"]) / "mlartifacts"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(artifacts.glob("*/artifacts/output/checkpoints/step-*/COMPLETE")):
+    # mlartifacts/<experiment>/<run>/artifacts/output/... (relative artifact locations)
+    while time.time() < deadline and not list(artifacts.glob("*/*/artifacts/output/checkpoints/step-*/COMPLETE")):
         time.sleep(0.5)
-    assert list(artifacts.glob("*/artifacts/output/checkpoints/step-*/COMPLETE")), "the stage never saved a checkpoint"
+    assert list(artifacts.glob("*/*/artifacts/output/checkpoints/step-*/COMPLETE")), "the stage never saved a checkpoint"
 
     async def cancel_and_wait():
         async with get_client() as client:

@@ -77,6 +77,7 @@ record_server(work / "servers" / "prefect.pid", int(sys.argv[2]), ["sleep", "30"
 if sys.argv[3] == "late":
     import prefect  # as `trlm run` did: the flow module imported before the setting was made
 use_work_dir_servers(work)
+assert os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"].endswith(str(work / "prefect" / "prefect.db"))
 print(prefect_target())
 """
 
@@ -96,4 +97,4 @@ def test_prefect_reports_to_the_work_dirs_server_or_refuses(tmp_path, order):
         assert out.stdout.strip() == "http://127.0.0.1:14999 (the server `trlm up` started for this work dir)"
     else:  # never a silent temporary server when the work dir has one
         assert out.returncode != 0 and "it was imported before the setting was made" in out.stderr
-    assert Path(tmp_path / "prefect").is_dir(), "a temporary server's database would be in the work dir"
+    assert not (tmp_path / "prefect").exists(), "nothing is written before a flow starts"

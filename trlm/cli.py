@@ -2,7 +2,7 @@
 
     trlm run [--recipe NAME_OR_PATH] [--only STAGE | --from STAGE] [--force STAGE] [--set key=value]
     trlm status [--recipe ...] [--json]
-    trlm eval --model PATH_OR_HUB_ID [--tasks a,b] [--limit N] [--json]
+    trlm eval --model PATH_OR_HUB_ID [--tasks a,b] [--limit N] [--backend trlm|hf] [--json]
     trlm report [--recipe ...]
     trlm up | trlm serve | trlm stages
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -66,20 +65,12 @@ def _print_plan(plans, title: str, done_as: str = "done") -> None:
         typer.echo(f"  {p.stage:<12} {state:<8} {(p.key or '-')[:12]:<14} {p.artifact_path or p.note or '-'}")
 
 
-def _answers(url: str, timeout_s: float = 2.0) -> bool:
-    import urllib.request
+def _check_servers(r) -> None:
+    """A tracking or Prefect server that does not answer: one error line within seconds."""
+    from trlm.servers import server_problem
 
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
+    if (problem := server_problem(r.resolved_tracking_uri, from_recipe=bool(r.tracking_uri))) is not None:
+        _fail(problem)
 
 
 @app.command()
@@ -96,6 +87,7 @@ def run(
     t0 = time.time()
     r, overrides = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
+    _check_servers(r)
     from trlm.stages.registry import active, get_stage, stage_names
 
     try:
@@ -128,8 +120,9 @@ def run(
         return
     from trlm.artifacts import mask_secrets, mask_uri
     from trlm.flows.pipeline import pipeline
-    from trlm.servers import prefect_target
+    from trlm.servers import PREFECT_DIR, prefect_target
 
+    (r.work_path / PREFECT_DIR).mkdir(parents=True, exist_ok=True)  # a temporary server's database
     log_file = route_tracebacks(r.work_path, verbose)
     typer.echo(f"Prefect: this run reports to {prefect_target()}")
     typer.echo(f"MLflow:  tracking at {mask_uri(r.resolved_tracking_uri)}")
@@ -183,6 +176,7 @@ def status(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     """Each stage's key, state (done / stale / missing) and artifact path."""
     r, _ = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
+    _check_servers(r)
     from trlm.artifacts import mask_uri
     from trlm.runs.lineage import plan
     from trlm.runs.tracking import setup_tracking
@@ -206,6 +200,7 @@ def eval_command(
     profile: Annotated[str, typer.Option("--profile", help="full (every item) or smoke")] = "full",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     max_gen_toks: Annotated[Optional[int], typer.Option("--max-gen-toks")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="trlm (shared contexts scored once) or hf (lm-eval's HFLM, the reference) [default: the recipe's]")] = None,
     recipe: RecipeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the results document as JSON on stdout")] = False,
 ) -> None:
@@ -221,7 +216,7 @@ def eval_command(
             updates["sample"] = sample
     if tasks:
         updates["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
-    for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks)):
+    for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks), ("backend", backend)):
         if value is not None:
             updates[name] = value
     try:
@@ -238,6 +233,7 @@ def eval_command(
         for metric, m in metrics.items():
             stderr = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
             typer.echo(f"{task:<28} {metric:<36} {m['value']:.4f}{stderr}  (n={m.get('n')})")
+    typer.echo("backend {backend}, evaluate wall {wall_s} s".format_map({"backend": None, "wall_s": None, **(doc.get("settings") or {})}))
 
 
 @app.command()
@@ -279,7 +275,7 @@ def up(recipe: RecipeOpt = None,
     import subprocess
 
     from trlm.artifacts import mask_uri
-    from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, record_server, recorded_process
+    from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, port_in_use, record_server, recorded_process, wait_for
 
     r, _ = _load(recipe, None)
     work = r.work_path
@@ -295,7 +291,7 @@ def up(recipe: RecipeOpt = None,
     if not store.startswith("sqlite"):
         _fail(f"the tracking store is a server already ({mask_uri(store)}, from MLFLOW_TRACKING_URI or the recipe): "
               "`trlm up` serves the work dir's own SQLite store; use that server's UI, or unset the setting")
-    busy = [f"{name} port {port}" for name, port in ports.items() if _port_in_use(port)]
+    busy = [f"{name} port {port}" for name, port in ports.items() if port_in_use(port)]
     if busy:
         _fail(f"already in use on 127.0.0.1: {', '.join(busy)} (another server?); choose other ports with --prefect-port/--mlflow-port")
     bin_dir = Path(sys.executable).parent
@@ -320,7 +316,10 @@ def up(recipe: RecipeOpt = None,
         started[name] = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         record_server(logs / f"{name}.pid", started[name].pid, cmd, port=ports[name], work_dir=work)
     health = {"prefect": f"http://127.0.0.1:{prefect_port}/api/health", "mlflow": f"http://127.0.0.1:{mlflow_port}/health"}
-    _wait_for(health, started, logs, timeout)
+    try:
+        wait_for(health, started, timeout, lambda line: typer.echo(line, err=True))
+    except RuntimeError as exc:
+        _fail(f"{exc}; see the logs in {logs} (stop the servers with `trlm down`)")
     typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   (API http://127.0.0.1:{prefect_port}/api; database {work / PREFECT_DIR})")
     typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {mask_uri(store)}; artifacts {work / ARTIFACTS_DIR})")
     # Through the server: the experiment exists for the links, with MLflow's training-runs views.
@@ -333,25 +332,6 @@ def up(recipe: RecipeOpt = None,
                "   (expand a pipeline run for its stages)")
     typer.echo(f"  registry: http://127.0.0.1:{mlflow_port}/#/models/{r.name}?workflowType=machine_learning")
     typer.echo(f"`trlm run` and `trlm serve` with this work dir use these servers by themselves. Logs and pids: {logs}. Stop: trlm down")
-
-
-def _wait_for(health: dict[str, str], started: dict, logs: Path, timeout_s: int) -> None:
-    """Until every server answers its health URL (and is still our process), with progress."""
-    t0 = time.time()
-    pending, said = dict(health), t0
-    while pending and time.time() - t0 < timeout_s:
-        for name, url in list(pending.items()):
-            if started[name].poll() is not None:
-                _fail(f"the {name} server exited while starting (code {started[name].returncode}); see {logs / f'{name}.log'} "
-                      "(stop the other one with `trlm down`)")
-            if _answers(url):  # answering, and still our process (it has not exited)
-                pending.pop(name)
-        if pending and time.time() - said > 15:
-            said = time.time()
-            typer.echo(f"  waiting for {', '.join(pending)} ({time.time() - t0:.0f} s)...", err=True)
-        time.sleep(0.5)
-    if pending:
-        _fail(f"server(s) did not answer within {timeout_s} s: {', '.join(pending)}; see logs in {logs} (stop them with `trlm down`)")
 
 
 @app.command()

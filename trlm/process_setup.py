@@ -17,6 +17,8 @@ from trlm.recipe import mixtures
 def quiet_environment(recipe) -> None:
     """Offline-friendly defaults; a recipe with hub sources keeps the network usable."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow prints "View run ... at: <tracking URI>" with any credential in it; we print masked links.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -186,8 +186,9 @@ def use_work_dir_servers(work_dir: Path) -> None:
         _applied["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     if "MLFLOW_TRACKING_URI" not in os.environ and (url := own_mlflow_url(work_dir)):
         _applied["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"] = url
-    if not any(v in os.environ for v in _DB_VARS):
-        (work_dir / PREFECT_DIR).mkdir(parents=True, exist_ok=True)
+    # Prefect gives its temporary server 20 s to start, which a loaded 2-core machine can miss.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if not any(v in os.environ for v in _DB_VARS):  # its folder is made when a flow starts (`trlm run`)
         os.environ[_DB_VARS[0]] = prefect_database_url(work_dir)
 
 
@@ -205,3 +206,70 @@ def prefect_target() -> str:
     origin = "the server `trlm up` started for this work dir" if _applied.get("PREFECT_API_URL") == url else (
         "PREFECT_API_URL" if wanted else "your Prefect profile")
     return f"{url.removesuffix('/api')} ({origin})"
+
+
+# --- is a server there ----------------------------------------------------------------------------
+
+
+def server_problem(tracking_uri: str, from_recipe: bool) -> str | None:
+    """Why the MLflow tracking server or the Prefect server in use does not answer, in one line that
+    names the server (credentials masked) and the setting to check; None when both answer (or are
+    not servers). Checked at once: MLflow's own client would retry for minutes first."""
+    from trlm.artifacts import mask_uri
+
+    if tracking_uri.startswith(("http://", "https://")) and (why := unreachable(tracking_uri.rstrip("/") + "/health")):
+        setting = "the recipe's tracking_uri" if from_recipe else "--tracking-uri / MLFLOW_TRACKING_URI"
+        return f"the MLflow tracking server {mask_uri(tracking_uri)} does not answer ({why}): start it, or check {setting}"
+    api = os.environ.get("PREFECT_API_URL")
+    if api and (why := unreachable(api.rstrip("/") + "/health")):
+        return f"the Prefect server {mask_uri(api)} does not answer ({why}): start it (`trlm up`), or check PREFECT_API_URL"
+    return None
+
+
+def unreachable(url: str, timeout_s: float = 5.0, tries: int = 2) -> str | None:
+    """Why `url` does not answer 200 (None when it does); credentials in the URL are sent, never shown."""
+    import time
+
+    import requests
+
+    why = ""
+    for attempt in range(tries):
+        try:
+            response = requests.get(url, timeout=timeout_s)
+            if response.status_code == 200:
+                return None
+            why = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            why = type(exc).__name__
+        if attempt + 1 < tries:
+            time.sleep(1.0)
+    return why
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for(health: dict[str, str], started: dict, timeout_s: float, say) -> None:
+    """Until every server started (`started`: name -> Popen) answers its health URL, saying every 15 s
+    what it still waits for; RuntimeError when one exits or `timeout_s` passes."""
+    import time
+
+    t0 = said = time.time()
+    pending = dict(health)
+    while pending and time.time() - t0 < timeout_s:
+        for name, url in list(pending.items()):
+            if started[name].poll() is not None:
+                raise RuntimeError(f"the {name} server exited while starting (code {started[name].returncode})")
+            if unreachable(url, timeout_s=2.0, tries=1) is None:  # answering, and still our process
+                pending.pop(name)
+        if pending and time.time() - said > 15:
+            said = time.time()
+            say(f"  waiting for {', '.join(pending)} ({time.time() - t0:.0f} s)...")
+        time.sleep(0.5)
+    if pending:
+        raise RuntimeError(f"server(s) did not answer within {timeout_s:.0f} s: {', '.join(pending)}")

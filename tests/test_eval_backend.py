@@ -1,0 +1,134 @@
+"""The trlm eval backend equals lm-eval's HFLM: per request, per generation and per task metric.
+
+One smoke evaluation of every default task (the smoke profile's own seeded items) with each backend on
+the tiny model; the per-item samples lm-eval logs are compared request by request. Plus direct
+requests for what the smoke items may not reach: greedy continuations (is_greedy True), an empty
+context, and requests longer than `max_length` (HFLM truncates them from the left).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trlm.eval.config import EvalConfig
+
+TOL = 1e-4
+
+
+def tolerance(value: float) -> float:
+    """1e-4, or two float32 steps at `value` where that is coarser: HFLM sums a continuation's token
+    log-probs in float32, so a 120-token continuation of the random tiny model (about -1,265) is only
+    resolved to 1.2e-4 by the reference itself."""
+    import numpy as np
+
+    return max(TOL, 2 * float(np.spacing(np.float32(abs(value)))))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def both(tiny, shared_data, tmp_path_factory):
+    """{backend: (results document, {(task, doc_id): sample})} for one smoke evaluation each."""
+    from trlm.eval.harness import evaluate
+
+    model, tok = tiny
+    out = {}
+    for backend in ("hf", "trlm"):
+        work = tmp_path_factory.mktemp(f"eval-{backend}")
+        cfg = EvalConfig(profile="smoke", batch_size=4, num_threads=1, backend=backend, gen_batch_size=8)
+        doc = evaluate(model, tok, cfg, data_root=shared_data, work_dir=work, model_fingerprint=backend * 8, progress=False)
+        rows = [json.loads(line) for line in open(doc["settings"]["samples_file"])]
+        out[backend] = doc, {(r["task"], r["doc_id"]): r for r in rows}
+    return out
+
+
+def test_every_smoke_task_ran_on_the_same_items(both):
+    (hf_doc, hf), (tr_doc, tr) = both["hf"], both["trlm"]
+    assert set(hf) == set(tr) and len(hf) > 50
+    assert set(hf_doc["results"]) == set(tr_doc["results"]) == set(EvalConfig().tasks)
+    assert (hf_doc["settings"]["backend"], tr_doc["settings"]["backend"]) == ("hf", "trlm")
+    for key, row in hf.items():
+        assert row["arguments"] == tr[key]["arguments"], key  # the same prompts, tokenized the same way
+
+
+def test_per_request_loglikelihoods_and_generations_are_equal(both):
+    hf, tr = both["hf"][1], both["trlm"][1]
+    n_ll = n_gen = 0
+    worst, over = 0.0, 0
+    for key, row in hf.items():
+        for a, b in zip(row["resps"], tr[key]["resps"], strict=True):
+            a, b = a[0], b[0]
+            if isinstance(a, str):  # generate_until: the text itself
+                assert a == b, (key, a, b)
+                n_gen += 1
+            else:  # loglikelihood: (log-likelihood, is_greedy)
+                worst = max(worst, abs(a[0] - b[0]))
+                over += abs(a[0] - b[0]) > TOL
+                assert abs(a[0] - b[0]) <= tolerance(a[0]), (key, a, b)
+                assert a[1] == b[1], (key, a, b)
+                n_ll += 1
+    assert n_ll > 200 and n_gen >= 10, (n_ll, n_gen)
+    print(f"{n_ll} loglikelihood requests (max |diff| {worst:.2e}, {over} over 1e-4 within float32 resolution), {n_gen} generations")
+
+
+def test_task_metrics_are_equal(both):
+    hf_doc, tr_doc = both["hf"][0], both["trlm"][0]
+    for part in ("results", "subtask_results", "baselines"):
+        assert hf_doc[part] == tr_doc[part], part
+
+
+def _token_requests(tok, model):
+    """(strings, context ids, continuation ids) as HFLM's `_loglikelihood_tokens` takes them: shared
+    contexts with 4 continuations each, one of them the model's own greedy tokens; contexts near and
+    past `max_length` = 64."""
+    import torch
+
+    reqs = []
+    for q, words in enumerate((3, 12, 40, 70)):
+        ctx = tok.encode(f"Question {q}:" + " what is it?" * (words // 3))
+        with torch.no_grad():
+            greedy = model.generate(torch.tensor([ctx]), max_new_tokens=3, do_sample=False)[0, len(ctx):].tolist()
+        for cont in (tok.encode(" A"), tok.encode(" the answer is four"), greedy, greedy[:1]):
+            reqs.append(((str(q), "?"), ctx, cont))
+    return reqs
+
+
+def test_direct_requests_equal_hflm_including_greedy_and_truncated(tiny):
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from trlm.eval.backend import TrlmLM
+
+    model, tok = tiny
+    reqs = _token_requests(tok, model)
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=64)
+    tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=64)
+    with torch.no_grad():
+        a, b = hf._loglikelihood_tokens(reqs, disable_tqdm=True), tr._loglikelihood_tokens(reqs, disable_tqdm=True)
+        empty = [Instance("loglikelihood", {}, ("", " an empty context"), 0), Instance("loglikelihood", {}, ("Hi", " there"), 0)]
+        a += hf.loglikelihood(empty, disable_tqdm=True)
+        b += tr.loglikelihood(empty, disable_tqdm=True)
+    assert sum(g for _, g in a) >= 8  # the greedy continuations are recognised as such
+    assert any(len(c) + len(x) > 65 for _, c, x in reqs)  # some are truncated from the left
+    for x, y in zip(a, b, strict=True):
+        assert abs(x[0] - y[0]) <= TOL and x[1] == y[1], (x, y)
+
+
+def test_tokenizations_are_shared_per_tokenizer(tiny):
+    from trlm.eval.backend import TrlmLM, tokenizer_key
+
+    model, tok = tiny
+    one, two = TrlmLM(pretrained=model, tokenizer=tok), TrlmLM(pretrained=model, tokenizer=tok)
+    assert one._encodings is two._encodings
+    assert one.tok_encode("Question: why?") == two.tok_encode("Question: why?") == tok.encode("Question: why?")
+    thinking = type(tok).from_pretrained(tok.name_or_path)
+    thinking.add_tokens(["<think>", "</think>"], special_tokens=True)
+    assert tokenizer_key(thinking, None) != tokenizer_key(tok, None)  # added tokens: their own cache
