@@ -11,7 +11,7 @@ The algorithm, one optimizer step (`train_grpo`):
 3. score each completion with the recipe's rewards (`stages/rewards.py`, a weighted sum) and take
    group-relative advantages A = r - mean(group), divided by the group's std when
    `scale_rewards: group` (DeepSeekMath, arXiv:2402.03300, section 4.1);
-4. pack prompt + completion padding-free, compute the completion tokens' log-probs and minimise
+4. pack the samples padding-free, each group's prompt once (`share_prompt`), compute the completion tokens' log-probs and minimise
    the clipped surrogate with an optional KL penalty (`trlm/training/policy_gradient.py`), over
    `num_iterations` updates of the same samples (the ratio to the sampling policy is clipped to
    [1 - epsilon, 1 + epsilon] from the second update on).
@@ -53,7 +53,7 @@ from pydantic import Field, field_validator
 from trlm.recipe import Bool, Int, MixtureConfig, NonNegativeFloat, PositiveFloat, PositiveInt, Strict
 from trlm.stage import IGNORE_INDEX, MODEL, Stage, StageContext, section_without_mixture, train_launch, training_check
 from trlm.stages.rewards import REWARDS, score
-from trlm.training.batching import collate, micro_batch_rows, to_device
+from trlm.training.batching import collate, micro_batch_rows, shared_prefix_layout, to_device
 from trlm.training.checkpoints import finished_summary
 from trlm.training.config import TrainConfig
 from trlm.training.distributed import gradient_sync, one_writer
@@ -83,6 +83,8 @@ class GRPOStageConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     scale_rewards: Literal["group", "none"] = "group"
     drop_zero_variance_groups: Bool = False
+    share_prompt: Bool = Field(True, description="the loss forward holds each group's prompt once (padding-free packed_sdpa only); "
+                               "changes no value beyond float rounding")
     sample_threads: PositiveInt | None = Field(None, description="CPU intra-op threads while sampling (1 is far faster on a busy "
                                                "shared CPU); None keeps the process setting. Changes no output")
     sample_steps: Int = Field(3, ge=0, description="write samples/step-N.jsonl for the first N steps")
@@ -106,8 +108,9 @@ def sample_seed(seed: int, step: int, row: int, sample: int) -> int:
 
 def _sample_micro_batch(cfg, setup, policy, rows, step: int, weights: dict[str, float]) -> dict:
     tok, data, g = setup.tokenizer, setup.data, cfg.num_generations
-    sequences, texts, totals, each, lengths, truncated = [], [], [], [], [], 0
+    sequences, shares, texts, totals, each, lengths, truncated = [], [], [], [], [], [], 0
     for row in rows:
+        first = len(sequences)  # the group's first sample: the others share its prompt
         prompt = [int(x) for x in data["prompt_input_ids"][row]]
         answer = data["answer"][row]
         seeds = [sample_seed(cfg.train.seed, step, int(row), k) for k in range(g)]
@@ -117,6 +120,7 @@ def _sample_micro_batch(cfg, setup, policy, rows, step: int, weights: dict[str, 
             truncated += not ended
             text = tok.decode(completion[:-1] if ended else completion, skip_special_tokens=False)
             total, scores = score(text, answer, weights)
+            shares.append((first, len(prompt)) if len(sequences) > first else None)
             sequences.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
             texts.append((tok.decode(prompt, skip_special_tokens=False), text))
             totals.append(total)
@@ -125,7 +129,7 @@ def _sample_micro_batch(cfg, setup, policy, rows, step: int, weights: dict[str, 
     rewards = torch.tensor(totals, dtype=torch.float32).reshape(len(rows), g)
     advantages, zero_variance = group_advantages(rewards, cfg.scale_rewards)
     keep = (~zero_variance).repeat_interleave(g) if cfg.drop_zero_variance_groups else torch.ones(len(totals), dtype=torch.bool)
-    return {"sequences": sequences, "texts": texts, "rewards": rewards, "each": each, "advantages": advantages.flatten(), "keep": keep,
+    return {"sequences": sequences, "shares": shares, "texts": texts, "rewards": rewards, "each": each, "advantages": advantages.flatten(), "keep": keep,
             "zero_variance": zero_variance, "lengths": lengths, "truncated": truncated}
 
 
@@ -137,9 +141,25 @@ def _token_grid(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, t
     return grid, mask
 
 
+def shares_prompt(cfg: GRPOStageConfig) -> bool:
+    """Prompt sharing needs a packed row and the attention kernel that understands the layout."""
+    return cfg.share_prompt and cfg.train.padding_free and cfg.train.attn_implementation == "packed_sdpa"
+
+
+def loss_batch(batch: dict, *, padding_free: bool, pad_id: int, share_prompt: bool) -> dict:
+    """The sampled sequences packed for the loss forward; with share_prompt each group's prompt once."""
+    mb = collate(batch["sequences"], padding_free=padding_free, pad_id=pad_id)
+    if share_prompt:
+        layout = shared_prefix_layout(mb["seq_lengths"], batch["shares"])
+        mb |= layout | {"input_ids": mb["input_ids"][:, layout["to_real"]], "position_ids": mb["position_ids"][:, layout["to_real"]]}
+    return mb
+
+
 def _token_logps(model, mb: dict) -> torch.Tensor:
     head = partial(chunked_token_logps, labels=mb["labels"])
-    return model(mb["input_ids"], head=head, position_ids=mb["position_ids"], attention_mask=mb["attention_mask"], packed_lengths=mb["packed_lengths"])
+    shared = (mb["to_virtual"], mb["to_real"]) if "to_virtual" in mb else None
+    return model(mb["input_ids"], head=head, position_ids=mb["position_ids"], attention_mask=mb["attention_mask"],
+                 packed_lengths=mb["packed_lengths"], shared_prefix=shared)
 
 
 def _write_samples(out_dir: Path, step: int, batches: list[dict], weights: dict[str, float]) -> None:
@@ -161,6 +181,7 @@ def train_grpo(cfg: GRPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir
     setup.data["answer"] = pq.read_table(data_dir / "train.parquet", columns=["answer"]).column("answer").to_pylist()
     accelerator, plan, train, weights = setup.accelerator, setup.plan, cfg.train, dict(cfg.rewards)
     reference = _reference_model(setup, model_dir) if cfg.beta > 0 else None
+    share_prompt = shares_prompt(cfg)
     model, optimizer, scheduler = prepare_training(setup)
     policy = accelerator.unwrap_model(model)
     step, progress = maybe_resume(setup)
@@ -175,10 +196,10 @@ def train_grpo(cfg: GRPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir
             for m in range(step * train.grad_accum_steps, (step + 1) * train.grad_accum_steps):
                 rows = micro_batch_rows(plan, setup.n_rows, train.batch_size, train.seed, m, accelerator.process_index, accelerator.num_processes)
                 batch = _sample_micro_batch(cfg, setup, policy, rows, step, weights)
-                batch["mb"] = to_device(collate(batch["sequences"], padding_free=train.padding_free, pad_id=setup.pad_id), accelerator.device)
-                with torch.no_grad():
-                    flat = _token_logps(model, batch["mb"])
-                    batch["old"] = _token_grid(flat.float(), batch["lengths"])[0]
+                batch["mb"] = to_device(loss_batch(batch, padding_free=train.padding_free, pad_id=setup.pad_id, share_prompt=share_prompt),
+                                        accelerator.device)
+                with torch.no_grad():  # one update per batch: the ratio's denominator is logps.detach(), no forward needed
+                    batch["old"] = _token_grid(_token_logps(model, batch["mb"]).float(), batch["lengths"])[0] if cfg.num_iterations > 1 else None
                     batch["ref"] = _token_grid(_token_logps(reference, batch["mb"]).float(), batch["lengths"])[0] if reference is not None else None
                 batches.append(batch)
             counts = reduce_sums(accelerator, {"seqs": sum(int(b["keep"].sum()) for b in batches),
@@ -191,7 +212,8 @@ def train_grpo(cfg: GRPOStageConfig, *, model_dir: Path, data_dir: Path, out_dir
                     with gradient_sync(accelerator, model, last=i == len(batches) - 1):
                         logps, mask = _token_grid(_token_logps(model, b["mb"]), b["lengths"])
                         mask = mask & b["keep"].to(mask.device)[:, None]
-                        loss, sums = clipped_policy_loss(logps, b["old"], b["advantages"].to(logps.device), mask, normalise=NORMALISE[cfg.loss_type],
+                        old = b["old"] if b["old"] is not None else logps.detach()
+                        loss, sums = clipped_policy_loss(logps, old, b["advantages"].to(logps.device), mask, normalise=NORMALISE[cfg.loss_type],
                                                          num_sequences=counts["seqs"], num_tokens=counts["tokens"], max_length=cfg.max_completion_length,
                                                          epsilon=cfg.epsilon, beta=cfg.beta, ref_logps=b["ref"])
                         accelerator.backward(loss * accelerator.num_processes)

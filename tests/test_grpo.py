@@ -171,6 +171,33 @@ def test_sampling_is_seeded_per_sample_and_uses_the_cache_correctly(tiny_policy)
     assert tiny_policy.config._attn_implementation == "packed_sdpa"  # restored after decoding
 
 
+def test_each_prompt_once_in_the_loss_forward_changes_no_value(tiny_policy):
+    """share_prompt: a group's G samples hold their prompt once in the packed row (the row is
+    shorter by (G - 1) x prompt), and the completion log-probs and the gradients equal those of the
+    row with every prompt repeated."""
+    from trlm.stages.grpo import _token_logps, loss_batch
+    from trlm.training.attention import register_packed_sdpa
+
+    register_packed_sdpa()
+    prompts, completions = [[1, 520, 1300, 42, 7], [1, 99, 98]], [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13], [14, 2], [15, 16, 2], [17]]
+    batch = {"sequences": [], "shares": []}
+    for p, prompt in enumerate(prompts):
+        for k, completion in enumerate(completions[3 * p : 3 * p + 3]):
+            batch["shares"].append((3 * p, len(prompt)) if k else None)
+            batch["sequences"].append((prompt + completion, [-100] * len(prompt) + completion))
+    out = {}
+    for share in (False, True):
+        mb = loss_batch(batch, padding_free=True, pad_id=0, share_prompt=share)
+        tiny_policy.zero_grad()
+        logps = _token_logps(tiny_policy, mb)
+        logps.sum().backward()
+        out[share] = (mb["input_ids"].shape[1], logps.detach(), {n: p.grad.clone() for n, p in tiny_policy.named_parameters()})
+    assert out[True][0] == out[False][0] - 2 * 5 - 2 * 3  # two more copies of each prompt are not in the row
+    assert out[True][1].shape == (sum(map(len, completions)),) and torch.allclose(out[True][1], out[False][1], atol=1e-5)
+    assert all(torch.allclose(out[True][2][n], out[False][2][n], atol=1e-5) for n in out[True][2])
+    tiny_policy.zero_grad()
+
+
 def test_top_p_keeps_the_nucleus():
     from trlm.training.sampling import filter_top_p
 

@@ -168,3 +168,29 @@ def unpack_rows(packed: torch.Tensor, seq_lengths: list[int], pad_value: float |
     fill = torch.as_tensor(pad_value, dtype=row.dtype, device=row.device)
     valid = valid.reshape(*valid.shape, *([1] * (gathered.dim() - 2)))
     return torch.where(valid, gathered, fill)
+
+
+def shared_prefix_layout(seq_lengths: list[int], shares: list[tuple[int, int] | None]) -> dict[str, torch.Tensor]:
+    """A packed row that holds repeated prefixes once, and the maps to and from the full layout.
+
+    `shares[j] = (i, k)`: sequence j starts with the same k tokens as the earlier sequence i (GRPO:
+    the G samples of one prompt share the prompt); None: nothing shared. The full ("virtual")
+    layout is collate's padding-free row; `to_real` lists the row positions' virtual positions,
+    `to_virtual` maps every virtual position to the row position that computes it. Index the
+    collated `input_ids`/`position_ids` with `to_real`, pass `(to_virtual, to_real)` as
+    `shared_prefix` (`attention.packed_sdpa_attention`). Exact: under causal attention a prefix's
+    hidden states do not depend on what follows it.
+    """
+    starts = np.cumsum([0, *seq_lengths[:-1]])
+    to_virtual = np.empty(sum(seq_lengths), dtype=np.int64)
+    to_real, row = [], 0
+    for j, (start, n) in enumerate(zip(starts, seq_lengths)):
+        source, k = shares[j] or (j, 0)
+        if k:
+            if source >= j or k > min(n, seq_lengths[source]):
+                raise ValueError(f"sequence {j} cannot share {k} tokens with sequence {source}")
+            to_virtual[start : start + k] = to_virtual[starts[source] : starts[source] + k]
+        to_virtual[start + k : start + n] = row + np.arange(n - k)
+        to_real.append(start + k + np.arange(n - k))
+        row += n - k
+    return {"to_virtual": torch.as_tensor(to_virtual), "to_real": torch.as_tensor(np.concatenate(to_real))}

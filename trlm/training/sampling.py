@@ -53,7 +53,7 @@ def decoding_attention(model):
 
 def _next_logits(model, input_ids, position_ids, cache) -> torch.Tensor:
     """Backbone + lm_head on the last position only (the stages replace `forward` by a loss-head forward)."""
-    hidden = model.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True).last_hidden_state
+    hidden = model.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
     return model.lm_head(hidden[:, -1]).float()
 
 
