@@ -99,7 +99,7 @@ def stage_task(name: str, ref: dict, base: dict, upstream: dict[str, dict], pare
     stage = get_stage(name, pipeline_)
     inputs = stage_inputs(recipe, stage, {k: v["outputs"] for k, v in upstream.items()}, base["fingerprint"])
     work = Work(stage.name, compute_key(recipe, stage, inputs), inputs, stage_config(recipe, stage), code_version(stage), stage.hands_on,
-                _input_sources(recipe, stage, base, upstream))
+                _input_sources(recipe, stage, base, upstream), tables=stage.tables)
     paths = _input_paths(recipe, stage, tracker, base, upstream)
     declared = {k: v for k, v in inputs.items() if k in paths}
 

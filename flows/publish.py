@@ -104,10 +104,11 @@ def publish(tracker: Tracker, stage: Stage, outcome: StageOutcome, recipe_name: 
     if png is not None:
         image = links.file(outcome.run_id, f"plots/{png.name}")
         curves = f"\n\n![loss and reward curves]({image})" if image else f"\n\nCurves: `plots/{png.name}` in the MLflow run's artifacts"
+    samples = short_table(stage.tables(out)) if stage.tables is not None and out is not None else ""
     create_markdown_artifact(
         key=f"{key}-summary",
         markdown=f"### {stage.name} ({state})\n\nMLflow run: {run_ref}  \nkey: `{outcome.key[:16]}`  \n"
-        f"artifact: `{outcome.artifact_uri}`\n\n| metric | value |\n|---|---|\n{rows}{curves}",
+        f"artifact: `{outcome.artifact_uri}`\n\n| metric | value |\n|---|---|\n{rows}{curves}{samples}",
         description=f"{stage.name} summary",
     )
     create_table_artifact(key=f"{key}-metrics", table=[{"metric": k, "value": float(v)} for k, v in numbers.items()] or [{"metric": "-", "value": 0.0}])
@@ -118,6 +119,24 @@ def publish(tracker: Tracker, stage: Stage, outcome: StageOutcome, recipe_name: 
         full = links.artifact_view(outcome.run_id, f"{OUTPUT}/report.md")
         markdown = embed_images(report, links, outcome.run_id) + (f"\n\n[The full report in MLflow]({full})" if full else "")
         create_markdown_artifact(key=f"{key}-report", markdown=markdown, description=f"{stage.name} report")
+
+
+def short_table(tables: dict[str, list[dict]], rows: int = 4, width: int = 60) -> str:
+    """The first rows of the stage's first table as markdown, each cell one line of at most `width`
+    characters (a prompt keeps its end, where the question is); the whole tables are in MLflow."""
+    name, table = next(((n, t) for n, t in tables.items() if t), (None, None))
+    if table is None:
+        return ""
+
+    def cell(column: str, value) -> str:
+        text = f"{value:.3g}" if isinstance(value, float) else " ".join(str(value).split()).replace("|", "\\|")
+        if len(text) > width:
+            text = "…" + text[-width:] if column == "prompt" else text[:width] + "…"
+        return text
+
+    columns = list(table[0])
+    lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}", *(f"| {' | '.join(cell(c, r.get(c, '')) for c in columns)} |" for r in table[:rows])]
+    return f"\n\n**{name}** (first {min(rows, len(table))} of {len(table)}; all in the MLflow run's `tables/`)\n\n" + "\n".join(lines)
 
 
 def embed_images(report: Path, links: Links, run_id: str) -> str:

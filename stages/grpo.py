@@ -285,6 +285,23 @@ def _run(ctx: StageContext) -> dict:
     return train_grpo(ctx.config, model_dir=ctx.inputs["model"], data_dir=ctx.inputs["data"], out_dir=ctx.out, on_log=ctx.on_log)
 
 
+def _question(prompt: str) -> str:
+    """The last user turn of a ChatML prompt (the whole prompt in any other template)."""
+    turn = prompt.rsplit("<|im_start|>user\n", 1)[-1]
+    return turn.split("<|im_end|>", 1)[0].strip()
+
+
+def _tables(out: Path) -> dict[str, list[dict]]:
+    """The sample completions of the first `sample_steps` steps, one table per step."""
+    tables = {}
+    for path in sorted((out / "samples").glob("step-*.jsonl")):
+        step = int(path.stem.split("-")[1])
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        tables[f"samples-step-{step}"] = [{"step": step, "prompt": _question(r["prompt"]), "completion": r["completion"], "reward": r["reward"],
+                                           "advantage": r["advantage"], **{f"reward/{k}": v for k, v in r["rewards"].items()}} for r in rows]
+    return tables
+
+
 def _headline(out: Path) -> dict[str, float]:
     metrics = out / "metrics.json"
     summary = json.loads(metrics.read_text()).get("summary", {}) if metrics.is_file() else {}
@@ -300,6 +317,7 @@ STAGE = Stage(
     hands_on=MODEL,
     run=_run,
     headline=_headline,
+    tables=_tables,
     launch_inputs=("model", "data"),
     launch=train_launch,
     libraries=TRAINING_LIBRARIES,

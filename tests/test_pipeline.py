@@ -111,6 +111,16 @@ def test_full_flow_runs_every_stage(first_run, tiny_recipe):
     assert len(samples.read_text().splitlines()) == 2 * 2  # 2 prompts x 2 samples, step 1 only
 
 
+def _prefect_markdown(key: str) -> str:
+    """The latest markdown artifact under `key` in the test's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return found[-1].data if found else ""
+
+
 def test_mlflow_lineage(first_run, tiny_recipe):
     from trlm.runs.tracking import TAG_KEY, TAG_KIND
 
@@ -131,6 +141,11 @@ def test_mlflow_lineage(first_run, tiny_recipe):
     grpo = by_stage["grpo"]
     assert {"reward", "pass_at_1", "pass_at_g", "completion_length", "truncated", "zero_variance", "clipped"} <= set(grpo.data.metrics)
     assert grpo.data.tags["trlm.input.model"] == dpo.data.tags["trlm.output_fingerprint.model"]
+    table = json.loads((tracker.local_artifact_dir(grpo) / "tables" / "samples-step-1.json").read_text())
+    assert len(table["data"]) == 4 and {"prompt", "completion", "reward", "advantage", "reward/gsm8k_correct"} <= set(table["columns"])
+    assert json.loads(grpo.data.tags["mlflow.loggedArtifacts"]) == [{"path": "tables/samples-step-1.json", "type": "table"}]
+    summary = _prefect_markdown("grpo-summary")
+    assert "**samples-step-1** (first 4 of 4" in summary and "| step | prompt | completion | reward | advantage |" in summary
     # The final model (GRPO's, the pipeline's last training stage) is registered as `candidate`.
     version = tracker.client.get_model_version_by_alias("tiny", "candidate")
     assert version.run_id == grpo.info.run_id

@@ -33,3 +33,18 @@ def test_a_local_store_without_a_running_ui_gets_no_dead_links(tmp_path, monkeyp
     assert "![scores](http://127.0.0.1:5123/get-artifact?path=output%2Freport.png&run_uuid=abc)" in text
     # and a link that shows it in MLflow's artifact view (the file link itself downloads it)
     assert "[report.png in MLflow](http://127.0.0.1:5123/#/experiments/7/runs/abc/artifacts/output/report.png)" in text
+
+
+def test_short_table_keeps_the_summary_readable():
+    """A stage's table in its Prefect summary: a few rows, one line per cell, a prompt's end kept
+    (where the question is), pipes escaped, numbers short; no table, no section."""
+    from trlm.flows.publish import short_table
+
+    rows = [{"prompt": "x" * 100 + " How many apples?", "completion": "<think>a|b\n</think> 7" + "y" * 100, "reward": 1.0 / 3}] * 6
+    text = short_table({"empty": [], "samples-step-1": rows}, rows=2, width=30)
+    lines = text.strip().splitlines()
+    assert lines[0] == "**samples-step-1** (first 2 of 6; all in the MLflow run's `tables/`)"
+    assert lines[2:4] == ["| prompt | completion | reward |", "|---|---|---|"] and len(lines) == 6
+    assert lines[4].startswith("| …" + ("x" * 100 + " How many apples?")[-30:] + " | <think>a\\|b </think> 7")
+    assert lines[4].endswith("… | 0.333 |")
+    assert short_table({"empty": []}) == ""

@@ -17,7 +17,8 @@ A declaration says:
 - `run(ctx)`: paths and config in, one artifact directory (`ctx.out`) out. It never imports
   Prefect, MLflow, the lineage or the flow: what it needs from them comes through `ctx`;
 - optional hooks: `check(recipe)` (validation before any compute), `headline(out)` (numbers for the
-  UIs), `report(recipe, lookup, out, inputs)` (rebuild a report from recorded results; `inputs` are the
+  UIs), `tables(out)` (named tables of rows, e.g. GRPO's sample completions: MLflow tables and a short
+  one in the Prefect summary), `report(recipe, lookup, out, inputs)` (rebuild a report from recorded results; `inputs` are the
   stage's inputs for the recipe), `external_inputs`
   (fingerprints of files it reads directly), `libraries` (distributions whose version shapes its
   output, part of its code version), `approves` (the alias this stage gives the pipeline's final model once it has consumed it: the
@@ -78,6 +79,7 @@ class Stage:
     external_inputs: Callable[[Any], Mapping[str, str]] | None = None
     check: Callable[[Any], None] | None = None
     headline: Callable[[Path], dict[str, float]] | None = None
+    tables: Callable[[Path], dict[str, list[dict]]] | None = None
     report: Callable[..., Any] | None = None
     libraries: tuple[str, ...] = ()
     approves: str | None = None

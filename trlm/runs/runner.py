@@ -74,6 +74,7 @@ class Work:
     code: CodeVersion
     hands_on: str = "all"  # model | parts | all: which output fingerprints downstream keys use
     sources: dict[str, str] = field(default_factory=dict)  # input name -> where it came from (`runs:/...`, a path)
+    tables: Callable[[Path], dict[str, list[dict]]] | None = None  # the stage's `tables` hook: logged as MLflow tables
 
 
 def run_stage(
@@ -235,6 +236,9 @@ def _start_or_resume(tracker, recipe, work: Work, execute, done, parent_run_id, 
             tracker.upload_output(run_id, out)  # checked against fingerprint.json: never FINISHED when incomplete
         if work.hands_on == MODEL:
             log_model(tracker, run_id, stage, outputs[MODEL])
+        for name, rows in (work.tables(out) if work.tables is not None else {}).items():
+            if rows:
+                tracker.log_table(run_id, name, rows)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         error = mask_secrets("".join(traceback.format_exception_only(type(exc), exc)))[-5000:]

@@ -150,6 +150,23 @@ class Tracker:
         (local / artifact_dir).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, local / artifact_dir / Path(path).name)
 
+    def log_table(self, run_id: str, name: str, rows: list[dict]) -> None:
+        """Rows as an MLflow table (`tables/<name>.json`, the file format and tag of `MlflowClient.log_table`,
+        shown in the run's artifact view), written the way `log_file` writes. Idempotent: a resumed
+        run rewrites the file (log_table itself would append)."""
+        import tempfile
+
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.json"
+            pd.DataFrame(rows).to_json(path, orient="split", index=False, date_format="iso")
+            self.log_file(run_id, path, "tables")
+        logged = json.loads(self.client.get_run(run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
+        entry = {"path": f"tables/{name}.json", "type": "table"}
+        if entry not in logged:
+            self.client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([*logged, entry]))
+
     def staging_dir(self, run_id: str) -> Path:
         """Where a run with a remote artifact store writes its output on this machine."""
         return self.work_dir / "staging" / run_id / OUTPUT
