@@ -43,7 +43,7 @@ def user(tmp_path_factory, tiny_model_dir, shared_data):
     recipe = write_tiny_recipe(root, tiny_model_dir, shared_data)
     doc = yaml.safe_load(recipe.read_text())
     doc.pop("tracking_uri")
-    doc["eval"]["models"] = ["base", "sft-general", "sft-think", "dpo"]  # the report's width as users see it
+    doc["eval"].pop("models", None)  # every model of the pipeline: the report's width as users see it (five columns)
     recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env.update(HOME=str(root / "user-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -107,7 +107,11 @@ def test_trlm_run_reports_to_the_server_trlm_up_started(user, run):
     assert dpo.inputs.dataset_inputs and {d.dataset.name for d in dpo.inputs.dataset_inputs} == {"data", "model"}
     assert dpo.outputs.model_outputs, "the DPO model is a LoggedModel of its run"
     assert any(k.startswith("system/") for k in dpo.data.metrics), "system metrics"
-    assert client.get_model_version_by_alias("tiny", "candidate").run_id == dpo.info.run_id
+    grpo = next(r for r in runs if r.data.tags.get("trlm.stage") == "grpo")  # the pipeline's last training stage
+    assert client.get_model_version_by_alias("tiny", "candidate").run_id == grpo.info.run_id
+    # GRPO's sample completions: an MLflow table fetched through the server
+    table = json.loads(Path(client.download_artifacts(grpo.info.run_id, "tables/samples-step-1.json", str(user["root"]))).read_text())
+    assert table["columns"][:5] == ["step", "prompt", "completion", "reward", "advantage"] and table["data"]
     assert "model registry: tiny@candidate is version 1 (moved there: evaluated by eval)" in run.output
 
 
