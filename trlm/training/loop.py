@@ -55,6 +55,7 @@ from trlm.training.checkpoints import (
     load_checkpoint,
     remove_incomplete,
     save_checkpoint,
+    sound_checkpoint,
     trainer_state,
 )
 from trlm.training.distributed import LaunchError, check_launch, shard_model
@@ -169,10 +170,11 @@ class Progress:
 
 
 def maybe_resume(setup: Setup) -> tuple[int, Progress]:
-    """Restore the newest complete checkpoint in `out_dir/checkpoints/` (model, optimizer, scheduler,
-    RNG states) if there is one: (its step, its progress); else (0, nothing done). Rank 0 picks
-    the checkpoint for every process, so that all resume from the same step or none does."""
-    checkpoint = latest_checkpoint(setup.out_dir) if setup.is_main else None
+    """Restore the newest sound checkpoint in `out_dir/checkpoints/` (model, optimizer, scheduler,
+    RNG states) if there is one: (its step, its progress); else (0, nothing done). A damaged newer
+    one is named in a warning and skipped (`sound_checkpoint`). Rank 0 picks the checkpoint for
+    every process, so that all resume from the same step or none does."""
+    checkpoint = sound_checkpoint(setup.out_dir) if setup.is_main else None
     if setup.accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
