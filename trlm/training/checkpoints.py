@@ -102,21 +102,29 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def sound_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint whose files match its manifest; each newer damaged one is
-    named in a warning (and left in place: the save of its step replaces it). None: start over."""
+def survey_checkpoints(out_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint whose files match its manifest or None, [(each newer damaged
+    one, why)]). Only as many are hashed as it takes to find a sound one."""
     damaged = []
     for checkpoint in reversed(complete_checkpoints(out_dir)):
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
-            if damaged:
-                log.warning("resuming from %s instead", checkpoint)
-            return checkpoint
-        damaged.append(checkpoint)
+        if (problem := checkpoint_problem(checkpoint)) is None:
+            return checkpoint, damaged
+        damaged.append((checkpoint, problem))
+    return None, damaged
+
+
+def sound_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint to resume from (`survey_checkpoints`); each damaged newer one is named in a
+    warning and left in place (the save of its step replaces it). None: start over."""
+    sound, damaged = survey_checkpoints(out_dir)
+    for checkpoint, problem in damaged:
         log.warning("checkpoint %s is damaged and skipped: %s", checkpoint.name, problem)
     if damaged:
-        log.warning("no sound checkpoint in %s: the stage starts over from step 0", Path(out_dir) / CHECKPOINTS)
-    return None
+        if sound is not None:
+            log.warning("resuming from %s instead", sound)
+        else:
+            log.warning("no sound checkpoint in %s: the stage starts over from step 0", Path(out_dir) / CHECKPOINTS)
+    return sound
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any], keep: int, shards: tuple | None = None) -> Path:
