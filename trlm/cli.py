@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from trlm.process_setup import quiet_environment, route_tracebacks
+from trlm.process_setup import mask_output, quiet_environment, route_tracebacks
 from trlm.recipe import DEFAULT_RECIPE, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False)
@@ -32,6 +32,7 @@ TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLfl
 
 
 def _load(recipe: str | None, overrides: list[str] | None, tracking_uri: str | None = None):
+    mask_output()  # before any handler takes stdout/stderr
     overrides = list(overrides or [])
     if tracking_uri:
         # Through the environment, never as an override: overrides become Prefect flow parameters,
