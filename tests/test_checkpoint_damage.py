@@ -55,7 +55,8 @@ def run(out: Path, model_dir: Path, data_dir: Path, crash_at: int | None = None)
         if step == crash_at:
             raise Crash(f"simulated crash at step {step}")
 
-    train_sft(sft_config(**SETTINGS), model_dir=model_dir, data_dir=data_dir, out_dir=out, on_log=on_log)
+    summary = train_sft(sft_config(**SETTINGS), model_dir=model_dir, data_dir=data_dir, out_dir=out, on_log=on_log)
+    assert summary.get("resumed_from_step", 0) == (steps[0] - 1 if steps else 6)  # recorded where training restarted
     return steps
 
 
