@@ -145,7 +145,7 @@ def start(self, timeout=None):
     return original_start(self, timeout=120)
 
 SubprocessASGIServer.start = start
-start_temporary_prefect(lambda line: print(line))
+start_temporary_prefect(sys.argv[1], lambda line: print(line))
 server = SubprocessASGIServer()
 print("attempts", len(calls), "health", httpx.get(server.api_url + "/health").status_code)
 server.stop()
@@ -158,15 +158,16 @@ def test_a_temporary_prefect_server_that_times_out_is_started_again(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}"}
-    out = subprocess.run([sys.executable, "-c", EPHEMERAL_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", EPHEMERAL_PROBE, str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-2:] == [
         "note: Prefect's temporary server did not answer in time (attempt 1 of 3); starting it again",
         "attempts 2 health 200",
     ]
+    assert (tmp_path / "work" / "prefect").is_dir(), "the temporary server's database folder"
 
 
-def test_other_temporary_server_errors_are_not_retried(monkeypatch):
+def test_other_temporary_server_errors_are_not_retried(monkeypatch, tmp_path):
     from prefect.server.api.server import SubprocessASGIServer
 
     from trlm.servers import start_temporary_prefect
@@ -182,5 +183,5 @@ def test_other_temporary_server_errors_are_not_retried(monkeypatch):
     monkeypatch.setattr("prefect.settings.get_current_settings",
                         lambda: SimpleNamespace(api=SimpleNamespace(url=None), server=SimpleNamespace(ephemeral=SimpleNamespace(enabled=True))))
     with pytest.raises(RuntimeError, match="available port"):
-        start_temporary_prefect(print)
+        start_temporary_prefect(tmp_path, print)
     assert calls == [None]

@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from trlm.process_setup import mask_output, quiet_environment, route_tracebacks
+from trlm.process_setup import quiet_environment, route_tracebacks
 from trlm.recipe import DEFAULT_RECIPE, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False)
@@ -32,7 +32,6 @@ TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLfl
 
 
 def _load(recipe: str | None, overrides: list[str] | None, tracking_uri: str | None = None):
-    mask_output()  # before any handler takes stdout/stderr
     overrides = list(overrides or [])
     if tracking_uri:
         # Through the environment, never as an override: overrides become Prefect flow parameters,
@@ -121,15 +120,14 @@ def run(
         return
     from trlm.artifacts import mask_secrets, mask_uri
     from trlm.flows.pipeline import pipeline
-    from trlm.servers import PREFECT_DIR, prefect_target, start_temporary_prefect
+    from trlm.servers import prefect_target, start_temporary_prefect
 
-    (r.work_path / PREFECT_DIR).mkdir(parents=True, exist_ok=True)  # a temporary server's database
     log_file = route_tracebacks(r.work_path, verbose)
     typer.echo(f"Prefect: this run reports to {prefect_target()}")
     typer.echo(f"MLflow:  tracking at {mask_uri(r.resolved_tracking_uri)}")
     recipe_ref = recipe or DEFAULT_RECIPE
     try:
-        start_temporary_prefect(lambda line: typer.echo(line, err=True))  # when no server is set; retried
+        start_temporary_prefect(r.work_path, lambda line: typer.echo(line, err=True))  # when no server is set; retried
         outcomes = pipeline(recipe=recipe_ref, overrides=overrides, only=only, from_stage=from_stage, force=list(force or []))
     except Exception as exc:  # the flow already marked the MLflow runs FAILED
         typer.echo(f"error: pipeline failed: {mask_secrets(str(exc))}\n(full log with the traceback: {log_file})", err=True)

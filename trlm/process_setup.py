@@ -60,7 +60,9 @@ def mask_output() -> None:
 
 
 def quiet_environment(recipe) -> None:
-    """Offline-friendly defaults; a recipe with hub sources keeps the network usable."""
+    """Offline-friendly defaults; a recipe with hub sources keeps the network usable. Credentials
+    masked in all output first (`mask_output`), before any log handler takes stdout/stderr."""
+    mask_output()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # MLflow prints "View run ... at: <tracking URI>" with any credential in it; we print masked links.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
