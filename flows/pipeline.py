@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from trlm.artifacts import mask_secrets, remove_leftovers
+from trlm.process_setup import mask_output
 from trlm.flows.launch import launch_command, launch_env, launch_plan, run_stage_process
 from trlm.flows.publish import publish
 from trlm.runs.lineage import base_fingerprint, code_version, compute_key, short_hash, stage_config, stage_inputs
@@ -178,6 +179,7 @@ def pipeline(
     `stages` names the list of stages as `module:attribute` (default: the TRLM pipeline)."""
     from trlm.runs.lineage import plan
 
+    mask_output()  # a worker's flow run starts here, not in the CLI
     logger = get_run_logger()
     ref = {"recipe": recipe, "overrides": list(overrides or []), "pipeline": stages}
     r, tracker, pipeline_ = _open(ref)

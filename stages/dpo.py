@@ -20,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from pathlib import Path
@@ -53,6 +54,8 @@ from trlm.training.loop import (
     setup_training,
 )
 from trlm.training.modeling import disable_dropout
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
 REFERENCE_FILE = "reference_logps.pt"
@@ -208,8 +211,11 @@ def load_or_compute_reference(accelerator, model, data, cfg: DPOStageConfig, *, 
     path = out_dir / REFERENCE_FILE
     stored = None
     if accelerator.is_main_process and path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        stored = stored if stored.get("key") == key else None
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated or garbled: the same numbers are computed again
+            log.warning("%s is damaged (%s: %s); computing the reference log-probs again", path, type(exc).__name__, exc)
+        stored = stored if isinstance(stored, dict) and stored.get("key") == key else None
     if accelerator.num_processes > 1:
         stored = broadcast_object_list([stored])[0]
     if stored is not None:

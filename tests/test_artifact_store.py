@@ -211,3 +211,35 @@ def test_a_local_store_is_read_in_place(tmp_path):
     run = tracker.client.get_run(outcome.run_id)
     assert tracker.resolve(outcome.artifact_uri) == tracker.local_artifact_dir(run) / OUTPUT == Path(outcome.path)
     assert not (tmp_path / "downloads").exists() and not (tmp_path / "staging").exists()
+
+
+class _ListingClient:
+    """A store whose listing holds every file; `sizes` says what it reports as each file's size."""
+
+    def __init__(self, out: Path, sizes):
+        self.out, self.sizes = out, sizes
+
+    def list_artifacts(self, run_id, path):
+        from mlflow.entities import FileInfo
+
+        return [FileInfo(f"{path}/{p.relative_to(self.out).as_posix()}", False, self.sizes(p)) for p in sorted(self.out.rglob("*")) if p.is_file()]
+
+    def download_artifacts(self, run_id, path, dst):
+        target = Path(dst) / Path(path).name
+        target.write_bytes((self.out / Path(path).relative_to(OUTPUT)).read_bytes())
+        return str(target)
+
+
+def test_an_upload_listed_without_sizes_is_refused(tmp_path):
+    from trlm.runs.artifact_store import upload_problem
+
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "model.safetensors").write_bytes(b"w" * 1000)
+    (out / "metrics.json").write_text("{}")
+    write_fingerprint(out)
+    assert upload_problem(_ListingClient(out, lambda p: p.stat().st_size), "r", out, OUTPUT) is None
+    problem = upload_problem(_ListingClient(out, lambda p: None), "r", out, OUTPUT)
+    assert problem == "3 file(s) listed without a size, so unchecked (fingerprint.json, metrics.json, model/model.safetensors)"
+    half = upload_problem(_ListingClient(out, lambda p: None if p.name == "metrics.json" else p.stat().st_size), "r", out, OUTPUT)
+    assert half == "1 file(s) listed without a size, so unchecked (metrics.json)"

@@ -21,7 +21,9 @@ transformers); one launch runs both stages.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -275,3 +277,18 @@ def test_a_second_writer_of_one_output_directory_is_refused(data, tmp_path):
         sft.train_sft(sft_config(), model_dir=data["model"], data_dir=data["sft"], out_dir=tmp_path / "out")
     summary = sft.train_sft(sft_config(max_steps=1), model_dir=data["model"], data_dir=data["sft"], out_dir=tmp_path / "out")
     assert summary["steps"] == 1, "released with its holder"
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP], ids=["ENOLCK", "EOPNOTSUPP"])
+def test_an_output_directory_without_flock_is_never_passed_silently(tmp_path, monkeypatch, caplog, code):
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level(logging.WARNING, logger="trlm.training.distributed"), exclusive_output(tmp_path / "out"):
+        pass
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"cannot lock {tmp_path / 'out'} (flock: {os.strerror(code)}): this file system does not support flock")
+    assert "nothing stops a second run" in record.getMessage()

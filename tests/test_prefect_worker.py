@@ -228,8 +228,22 @@ def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_it(service):
     assert asyncio.run(cancel_and_wait()).is_cancelled()
     interrupted = [r for r in _stage_runs(service["recipe"]) if r.data.tags.get("trlm.stage") == "sft-general" and r.info.status != "FINISHED"]
     assert len(interrupted) == 1, "the cancelled stage left one unfinished run with its checkpoints"
+    from trlm.runs.tracking import OUTPUT, setup_tracking
+    from trlm.stages.registry import load_recipe
+    from trlm.training.checkpoints import complete_checkpoints
+
+    tracker = setup_tracking(load_recipe(str(service["recipe"]), check_files=False))
+    run_dir = tracker.local_artifact_dir(interrupted[0]) / OUTPUT
+    checkpoints = complete_checkpoints(run_dir)
+    assert checkpoints, f"no complete checkpoint in {run_dir}: {sorted(p.name for p in (run_dir / 'checkpoints').glob('*'))}"
+    newest = int(checkpoints[-1].name.removeprefix("step-"))
+    assert 0 < newest < 200 and newest % 5 == 0
 
     again = _run("trlm-manual", slow, timeout_s=900)
     assert again.state.is_completed(), again.state
     finished = [r for r in _stage_runs(service["recipe"]) if r.data.tags.get("trlm.stage") == "sft-general" and r.info.status == "FINISHED"]
-    assert interrupted[0].info.run_id in {r.info.run_id for r in finished}, "the next run resumed the interrupted stage run"
+    resumed = next((r for r in finished if r.info.run_id == interrupted[0].info.run_id), None)
+    assert resumed is not None, "the next run resumed the interrupted stage run"
+    assert resumed.data.tags["trlm.resumed_from_step"] == str(newest), "training restarted from the newest checkpoint, not from step 0"
+    client = tracker.client
+    assert sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "loss")) == list(range(1, 201)), "each step logged once"

@@ -96,3 +96,18 @@ def test_status_works_from_another_folder_and_names_the_data_root(tmp_path, shar
     result = subprocess.run([sys.executable, "-m", "trlm.cli", "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"data root: {shared_data} (from recipe)" in result.stdout
+
+
+@pytest.mark.parametrize("how", ["--set", "TRLM_DATA_ROOT"])
+def test_a_missing_data_root_is_named_as_the_root(tmp_path, monkeypatch, how):
+    missing = tmp_path / "nonexistent"
+    monkeypatch.delenv("TRLM_DATA_ROOT", raising=False)
+    if how == "--set":
+        overrides = [f"data_root={missing}"]
+    else:
+        overrides = []
+        monkeypatch.setenv("TRLM_DATA_ROOT", str(missing))
+    with pytest.raises(RecipeError) as err:
+        load_recipe("offline-smoke", overrides)
+    assert str(err.value).startswith(f"the data root {missing} (from {how}) is not a directory; data spec ")
+    assert "file not found" not in str(err.value)

@@ -127,3 +127,61 @@ def test_eval_refuses_limit_and_sample_together(monkeypatch, tmp_path):
     monkeypatch.setattr("trlm.cli.quiet_environment", lambda r: None)
     result = CliRunner().invoke(app, ["eval", "--model", "m", "--limit", "3", "--sample", "3"])
     assert result.exit_code == 2 and "not both" in result.output
+
+
+EPHEMERAL_PROBE = """
+import subprocess, sys
+import httpx
+from prefect.server.api.server import SubprocessASGIServer
+from trlm.servers import start_temporary_prefect
+
+original_start, original_command, calls = SubprocessASGIServer.start, SubprocessASGIServer._run_uvicorn_command, []
+
+def start(self, timeout=None):
+    calls.append(self.port)
+    if len(calls) == 1:  # the first start never answers, as on a loaded machine
+        self._run_uvicorn_command = lambda: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        return original_start(self, timeout=2)
+    return original_start(self, timeout=120)
+
+SubprocessASGIServer.start = start
+start_temporary_prefect(sys.argv[1], lambda line: print(line))
+server = SubprocessASGIServer()
+print("attempts", len(calls), "health", httpx.get(server.api_url + "/health").status_code)
+server.stop()
+"""
+
+
+def test_a_temporary_prefect_server_that_times_out_is_started_again(tmp_path):
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}"}
+    out = subprocess.run([sys.executable, "-c", EPHEMERAL_PROBE, str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-2:] == [
+        "note: Prefect's temporary server did not answer in time (attempt 1 of 3); starting it again",
+        "attempts 2 health 200",
+    ]
+    assert (tmp_path / "work" / "prefect").is_dir(), "the temporary server's database folder"
+
+
+def test_other_temporary_server_errors_are_not_retried(monkeypatch, tmp_path):
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from trlm.servers import start_temporary_prefect
+
+    calls = []
+
+    def start(self, timeout=None):
+        calls.append(timeout)
+        raise RuntimeError("Unable to find an available port after multiple attempts")
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(SubprocessASGIServer, "start", start)
+    monkeypatch.setattr("prefect.settings.get_current_settings",
+                        lambda: SimpleNamespace(api=SimpleNamespace(url=None), server=SimpleNamespace(ephemeral=SimpleNamespace(enabled=True))))
+    with pytest.raises(RuntimeError, match="available port"):
+        start_temporary_prefect(tmp_path, print)
+    assert calls == [None]

@@ -90,3 +90,27 @@ def test_the_tracking_uri_travels_in_the_environment_not_in_overrides(monkeypatc
     recipe, overrides = cli._load(None, ["dpo.beta=0.2"], uri)
     assert not any("s3cret" in o for o in overrides), "overrides become Prefect flow parameters"
     assert os.environ["MLFLOW_TRACKING_URI"] == uri and recipe.resolved_tracking_uri == uri
+
+
+def test_status_names_where_an_unfinished_run_resumes_and_its_damaged_checkpoints(tracker):
+    from trlm.runs.lineage import resume_note
+    from trlm.training.checkpoints import CHECKPOINTS, write_manifest
+
+    def crash_after_two_checkpoints(out: Path, on_log) -> dict:
+        for step in (2, 4):
+            checkpoint = out / CHECKPOINTS / f"step-{step:06d}"
+            checkpoint.mkdir(parents=True)
+            (checkpoint / "model.safetensors").write_bytes(b"weights" * 100)
+            write_manifest(checkpoint, step)
+        raise RuntimeError("killed")
+
+    key = "c" * 64
+    assert resume_note(tracker, "probe", key) == ""
+    with pytest.raises(RuntimeError):
+        run_stage(tracker, _Recipe(), _work(key), crash_after_two_checkpoints, parent_run_id=None)
+    run_id = tracker.find_resumable("probe", key).info.run_id
+    assert resume_note(tracker, "probe", key) == f"unfinished run {run_id[:8]} resumes from step-000004"
+    newest = tracker.output_dir_for_writing(tracker.client.get_run(run_id)) / CHECKPOINTS / "step-000004"
+    (newest / "model.safetensors").write_bytes(b"weights")
+    assert resume_note(tracker, "probe", key) == (f"unfinished run {run_id[:8]} resumes from step-000002; step-000004 is damaged: "
+                                                  f"{newest / 'model.safetensors'} differs from its manifest (7 bytes; truncated or damaged)")

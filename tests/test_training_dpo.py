@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +170,7 @@ def test_gradient_accumulation_and_packing_give_the_same_steps(tmp_path, tiny_mo
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (name, k)
 
 
-def test_reference_computed_once_and_resume_is_bit_identical(tmp_path, tiny_model_dir, dpo_data, monkeypatch):
+def test_reference_computed_once_and_resume_is_bit_identical(tmp_path, tiny_model_dir, dpo_data, monkeypatch, caplog):
     """Crash at step 3, call again: the stored reference log-probs (from the STARTING model) are
     reused, not recomputed from the resumed weights, and the final weights equal an uninterrupted
     run's."""
@@ -185,6 +187,17 @@ def test_reference_computed_once_and_resume_is_bit_identical(tmp_path, tiny_mode
         run(cfg, tiny_model_dir, dpo_data, out, on_log=crash)
     stored = torch.load(out / REFERENCE_FILE, weights_only=True)
     assert stored["chosen"].shape == (8,) and stored["key"]["data"]
+
+    # A truncated reference file is computed again (with a warning), never a stage blocked for good.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / REFERENCE_FILE).write_bytes((damaged / REFERENCE_FILE).read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="trlm.stages.dpo"):
+        _, logs = run(cfg, tiny_model_dir, dpo_data, damaged)
+    assert [s for s, _ in logs] == [3, 4, 5]
+    assert any(r.getMessage().startswith(f"{damaged / REFERENCE_FILE} is damaged") for r in caplog.records)
+    full, repaired = model_state(tmp_path / "full" / "model"), model_state(damaged / "model")
+    assert all(torch.equal(full[k], repaired[k]) for k in full)
 
     def must_not_recompute(*a, **k):
         raise AssertionError("reference log-probs must be reused on resume")

@@ -120,14 +120,14 @@ def run(
         return
     from trlm.artifacts import mask_secrets, mask_uri
     from trlm.flows.pipeline import pipeline
-    from trlm.servers import PREFECT_DIR, prefect_target
+    from trlm.servers import prefect_target, start_temporary_prefect
 
-    (r.work_path / PREFECT_DIR).mkdir(parents=True, exist_ok=True)  # a temporary server's database
     log_file = route_tracebacks(r.work_path, verbose)
     typer.echo(f"Prefect: this run reports to {prefect_target()}")
     typer.echo(f"MLflow:  tracking at {mask_uri(r.resolved_tracking_uri)}")
     recipe_ref = recipe or DEFAULT_RECIPE
     try:
+        start_temporary_prefect(r.work_path, lambda line: typer.echo(line, err=True))  # when no server is set; retried
         outcomes = pipeline(recipe=recipe_ref, overrides=overrides, only=only, from_stage=from_stage, force=list(force or []))
     except Exception as exc:  # the flow already marked the MLflow runs FAILED
         typer.echo(f"error: pipeline failed: {mask_secrets(str(exc))}\n(full log with the traceback: {log_file})", err=True)

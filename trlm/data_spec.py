@@ -72,7 +72,12 @@ class DataSpec(BaseModel):
     shuffle_seed: Int = 42
     sources: list[SourceSpec] = Field(min_length=1)
 
-    def check_sources(self, data_root: Path, allow_outside_data_root: bool = False) -> None:
+    def check_sources(self, data_root: Path, allow_outside_data_root: bool = False, origin: str | None = None) -> None:
+        """Every local source is a file; a missing data root is named as the root, not as its first file.
+        `origin`: where the data root was set (`--set`, `TRLM_DATA_ROOT`, `recipe`), for the message."""
+        if any(src.path is not None for src in self.sources) and not Path(data_root).is_dir():
+            raise RecipeError(f"the data root {data_root}{f' (from {origin})' if origin else ''} is not a directory; data spec "
+                              f"{self.name!r} reads its local sources from it. Set it with --set data_root=DIR, TRLM_DATA_ROOT or the recipe's data_root")
         for src in self.sources:
             if src.path is not None and not source_path(self.name, src, data_root, allow_outside_data_root).is_file():
                 raise RecipeError(f"data spec {self.name!r}, source {src.name!r}: file not found: {data_root / src.path}")

@@ -1,21 +1,68 @@
-"""What each command sets up in its own process: offline switches, quiet libraries, and where the
-log records (with their tracebacks) go."""
+"""What each command sets up in its own process: offline switches, quiet libraries, where the log
+records (with their tracebacks) go, and credentials masked in everything it prints or logs."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 import typer
 
+from trlm.artifacts import mask_secrets
 from trlm.recipe import mixtures
 
 
+class MaskedStream:
+    """A text stream that masks credentials in URIs written through it (`mask_secrets`)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        self._inner.write(mask_secrets(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def mask_output() -> None:
+    """Credentials in URIs (`--tracking-uri http://user:password@...`) never reach the console or a
+    log file, whoever writes them: MLflow's own errors (`API request to http://user:...`), Prefect's
+    task-failure lines, uncaught tracebacks. Every log record is masked when it is made (message and
+    traceback, so every handler gets the masked text), and stdout/stderr become masked streams before
+    any handler takes them. Idempotent."""
+    if not isinstance(sys.stdout, MaskedStream):
+        sys.stdout = MaskedStream(sys.stdout)
+    if not isinstance(sys.stderr, MaskedStream):
+        sys.stderr = MaskedStream(sys.stderr)
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "trlm_masked", False):
+        return
+
+    def masked_record(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call: logging reports it at format time
+            return record
+        record.msg, record.args = mask_secrets(message), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = mask_secrets(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    masked_record.trlm_masked = True
+    logging.setLogRecordFactory(masked_record)
+
+
 def quiet_environment(recipe) -> None:
-    """Offline-friendly defaults; a recipe with hub sources keeps the network usable."""
+    """Offline-friendly defaults; a recipe with hub sources keeps the network usable. Credentials
+    masked in all output first (`mask_output`), before any log handler takes stdout/stderr."""
+    mask_output()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # MLflow prints "View run ... at: <tracking URI>" with any credential in it; we print masked links.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -208,6 +208,33 @@ def prefect_target() -> str:
     return f"{url.removesuffix('/api')} ({origin})"
 
 
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def start_temporary_prefect(work_dir: Path, say, tries: int = 3, timeout_s: int | None = None) -> None:
+    """Start Prefect's temporary server (its database in `work_dir`) before the flow does, when no
+    server is set, retrying a start that timed out: on a loaded machine one run in about 50 failed
+    so, never retried (the flow would start it itself, once). A failed attempt's process is stopped;
+    the flow then finds the server running. Any other error is raised at once. `say`: one line per retry."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url is not None or not settings.server.ephemeral.enabled:
+        return
+    (Path(work_dir) / PREFECT_DIR).mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, tries + 1):
+        server = SubprocessASGIServer()
+        try:
+            server.start(timeout=timeout_s)
+            return
+        except RuntimeError as exc:
+            if EPHEMERAL_TIMEOUT not in str(exc) or attempt == tries:
+                raise
+            server.stop()  # the next attempt gets a new process on a new port
+            say(f"note: Prefect's temporary server did not answer in time (attempt {attempt} of {tries}); starting it again")
+
+
 # --- is a server there ----------------------------------------------------------------------------
 
 

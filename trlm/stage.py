@@ -130,7 +130,7 @@ def training_check(section: str, kind: str) -> Callable[[Any], None]:
         spec = load_data_spec(cfg.data.spec)
         if spec.kind != kind:
             raise RecipeError(f"{section}.data.spec: {cfg.data.spec} is a {spec.kind!r} spec, this stage needs {kind!r}")
-        spec.check_sources(recipe.data_path, allow_outside_data_root=recipe.allow_outside_data_root)
+        spec.check_sources(recipe.data_path, allow_outside_data_root=recipe.allow_outside_data_root, origin=recipe.data_root_origin)
         if cfg.train.distributed == "fsdp" and cfg.train.world_size() < 2:
             raise RecipeError(f"{section}.train.distributed: fsdp needs at least 2 processes, and num_processes "
                               f"{cfg.train.num_processes!r} means 1 here; set {section}.train.num_processes=N or use ddp")

@@ -5,8 +5,9 @@ are `mlflow-artifacts:` URIs and every byte goes through the server. Three rules
 
 * **Uploads are checked before a run may be FINISHED** (`upload_output`): after `log_artifacts`, the
   uploaded listing must hold every file of the local `fingerprint.json` with the local size, and
-  the uploaded `fingerprint.json` must equal the local one. A half-done or silently short upload
-  raises `UploadError`, so the run is marked FAILED, never FINISHED with an incomplete artifact.
+  the uploaded `fingerprint.json` must equal the local one. A half-done or silently short upload, or
+  a listing that gives no size, raises `UploadError`, so the run is marked FAILED, never FINISHED
+  with an incomplete artifact.
 * **Downloads are atomic and verified** (`download_verified`): into a temporary sibling, re-hashed
   against its `fingerprint.json` and the run's output-fingerprint tags, then renamed into place. A
   killed or corrupted download is never taken for a cached copy.
@@ -86,10 +87,13 @@ def upload_problem(client, run_id: str, out: Path, artifact_path: str) -> str | 
     expected = {rel: (out / rel).stat().st_size for rel in [*record["files"], FINGERPRINT_FILE]}
     listed = listed_sizes(client, run_id, artifact_path)
     missing = sorted(set(expected) - set(listed))
+    # A listing without a size proves nothing about the bytes stored: refused like a wrong size.
+    unsized = sorted(k for k in expected if k in listed and listed[k] is None)
     wrong = sorted(k for k in expected if k in listed and listed[k] is not None and listed[k] != expected[k])
-    if missing or wrong:
+    if missing or wrong or unsized:
         parts = [f"{len(missing)} of {len(expected)} file(s) missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})"] if missing else []
         parts += [f"{len(wrong)} file(s) of another size ({', '.join(wrong[:3])})"] if wrong else []
+        parts += [f"{len(unsized)} file(s) listed without a size, so unchecked ({', '.join(unsized[:3])})"] if unsized else []
         return "; ".join(parts)
     with tempfile.TemporaryDirectory(prefix="trlm-check-") as tmp:
         uploaded = Path(client.download_artifacts(run_id, f"{artifact_path}/{FINGERPRINT_FILE}", tmp))

@@ -145,10 +145,21 @@ def plan(recipe: Recipe, tracker: "Tracker", pipeline: tuple[Stage, ...]) -> lis
             local = tracker.local_artifact_dir(run)
             plans.append(StagePlan(stage.name, key, "done", run.info.run_id, tracker.artifact_uri(run), str(local / OUTPUT) if local else None, upstream[stage.name]))
             continue
-        note = why_stale(recipe, stage, inputs, previous) if previous else ""
+        note = "; ".join(filter(None, [why_stale(recipe, stage, inputs, previous) if previous else "", resume_note(tracker, stage.name, key)]))
         plans.append(StagePlan(stage.name, key, "stale" if previous else "missing", note=note))
     return plans
 
+def resume_note(tracker: "Tracker", stage: str, key: str) -> str:
+    """Where an unfinished run of this key resumes, and which of its checkpoints are damaged ("" if none)."""
+    from trlm.training.checkpoints import survey_checkpoints
+
+    run = tracker.find_resumable(stage, key)
+    if run is None:
+        return ""
+    sound, damaged = survey_checkpoints(tracker.output_dir_for_writing(run))
+    where = f" from {sound.name}" if sound else " from the start" if damaged else ""
+    bad = "".join(f"; {path.name} is damaged: {why}" for path, why in damaged)
+    return f"unfinished run {run.info.run_id[:8]} resumes{where}{bad}"
 
 
 def short_hash(obj: Any) -> str:

@@ -37,6 +37,7 @@ from trlm.runs.tracking import (
     TAG_RECIPE,
     TAG_REPRODUCED,
     TAG_RERUN_OF,
+    TAG_RESUMED,
     TAG_STAGE,
     TAG_UNRESUMABLE,
     MetricLogger,
@@ -226,6 +227,8 @@ def _start_or_resume(tracker, recipe, work: Work, execute, done, parent_run_id, 
             outputs = {MODEL: model_fp}
         outputs |= summary.pop("_outputs", {})
         tags = [RunTag(f"{TAG_OUTPUT_FP}.{k}", v) for k, v in outputs.items()]
+        if summary.get("resumed_from_step") is not None:  # where the training actually restarted
+            tags.append(RunTag(TAG_RESUMED, str(summary["resumed_from_step"])))
         reproduced = reproduces(done, outputs) if done is not None else None
         if reproduced is not None:
             tags += [RunTag(TAG_RERUN_OF, done.info.run_id), RunTag(TAG_REPRODUCED, str(reproduced).lower())]

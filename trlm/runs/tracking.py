@@ -38,6 +38,7 @@ TAG_REPRODUCED = "trlm.reproduced"  # "true" when its outputs' fingerprints equa
 TAG_UNRESUMABLE = "trlm.unresumable"  # a failed run whose directory must not be resumed (damaged artifact)
 TAG_MODEL_ID = "trlm.model_id"  # the LoggedModel of a training stage's `model/`
 TAG_OWNER = "trlm.owner"  # "host pid start-time" of the process executing the run
+TAG_RESUMED = "trlm.resumed_from_step"  # a training stage resumed from the checkpoint of that step
 OUTPUT = "output"
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow's UI picks training or GenAI views from it
 TRAINING_KIND = "custom_model_development"

@@ -2,8 +2,9 @@
 
 * `save_checkpoint` (atomic, every process saves its RNG state, under FSDP its shards; the newest
   `keep` are kept), `trainer_state` (step, data position, world size, metrics history),
-  `latest_checkpoint`, `load_checkpoint` (refuses a checkpoint of a different stage config, data
-  or number of processes), `remove_incomplete` (what a kill leaves behind).
+  `latest_checkpoint`, `sound_checkpoint` (the newest one whose files match its manifest; each
+  damaged newer one named in a warning), `load_checkpoint` (refuses a checkpoint of a different
+  stage config, data or number of processes), `remove_incomplete` (what a kill leaves behind).
 * `export_model` (`out_dir/model/`, a standard HF checkpoint), `finish_stage` (`metrics.json`, then
   `fingerprint.json` last), `finished_summary` (a finished stage is never run again).
 
@@ -11,17 +12,24 @@ Layout: `out_dir/checkpoints/step-<6 digits>/` holding accelerate's state, under
 (torch.distributed.checkpoint: model and optimizer, one file per process plus `.metadata`),
 `trainer_state.json` and, written last, `COMPLETE`. A checkpoint is complete only when every
 process has written its part (barrier before the marker), so a kill of any rank leaves a `.tmp-*`.
+
+`COMPLETE` is also the checkpoint's manifest: the SHA-256 of every other file in it. A complete
+checkpoint can still be damaged later (a full disk, a truncating copy, an edit), and resuming from
+one fails on every rerun, `--force` included. So a resume re-hashes the newest checkpoint first and,
+when it does not match, warns with the file and falls back to the previous one (`save_total_limit`
+keeps 2 by default), or to the start: the same steps are trained again, bit for bit on a CPU.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from trlm.artifacts import atomic_directory, discard, hash_json, read_fingerprint, remove_stale_temporaries, save_tokenizer, write_fingerprint
+from trlm.artifacts import atomic_directory, atomic_write_text, discard, hash_directory, hash_json, read_fingerprint, remove_stale_temporaries, save_tokenizer, write_fingerprint
 from trlm.recipe import output_config
 from trlm.training.batching import StepPlan
 from trlm.training.distributed import full_state_dict, is_sharded, load_sharded, save_sharded
@@ -31,6 +39,8 @@ CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint, before the atomic rename
 TRAINER_STATE = "trainer_state.json"
 SHARDED = "sharded"  # FSDP: the DCP checkpoint of model and optimizer inside a step directory
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_name(step: int) -> str:
@@ -63,12 +73,66 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def write_manifest(checkpoint: Path, step: int) -> None:
+    """`COMPLETE`, written last (atomically): the step and the SHA-256 of every file in the checkpoint."""
+    record = {"step": step, "files": hash_directory(checkpoint)}
+    atomic_write_text(checkpoint / COMPLETE_MARKER, json.dumps(record, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed from: the first file that is missing, extra or
+    differs from the manifest (None when every file matches)."""
+    marker = checkpoint / COMPLETE_MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its manifest {marker} is unreadable ({type(exc).__name__}: {exc})"
+    now = hash_directory(checkpoint)
+    now.pop(COMPLETE_MARKER, None)
+    for rel in sorted(set(files) | set(now)):
+        path = checkpoint / rel
+        if rel not in now:
+            return f"{path} is missing"
+        if rel not in files:
+            return f"{path} is not in its manifest"
+        if now[rel] != files[rel]:
+            return f"{path} differs from its manifest ({path.stat().st_size} bytes; truncated or damaged)"
+    return None
+
+
+def survey_checkpoints(out_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint whose files match its manifest or None, [(each newer damaged
+    one, why)]). Only as many are hashed as it takes to find a sound one."""
+    damaged = []
+    for checkpoint in reversed(complete_checkpoints(out_dir)):
+        if (problem := checkpoint_problem(checkpoint)) is None:
+            return checkpoint, damaged
+        damaged.append((checkpoint, problem))
+    return None, damaged
+
+
+def sound_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint to resume from (`survey_checkpoints`); each damaged newer one is named in a
+    warning and left in place (the save of its step replaces it). None: start over."""
+    sound, damaged = survey_checkpoints(out_dir)
+    for checkpoint, problem in damaged:
+        log.warning("checkpoint %s is damaged and skipped: %s", checkpoint.name, problem)
+    if damaged:
+        if sound is not None:
+            log.warning("resuming from %s instead", sound)
+        else:
+            log.warning("no sound checkpoint in %s: the stage starts over from step 0", Path(out_dir) / CHECKPOINTS)
+    return sound
+
+
 def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any], keep: int, shards: tuple | None = None) -> Path:
     """Atomically write `out_dir/checkpoints/step-<6-digit step>/` and keep only the newest `keep`.
 
     Contents: accelerate's `save_state` (model.safetensors, optimizer.bin, scheduler.bin and the RNG
     states of every process: python, numpy, torch, cuda) plus `trainer_state.json` (step, epoch,
-    micro-batch index, metrics history) and, last, the `COMPLETE` marker. Everything is written to a
+    micro-batch index, metrics history) and, last, the `COMPLETE` manifest. Everything is written to a
     `.tmp-*` sibling, fsynced and renamed (`trlm.artifacts.atomic_directory`), so a killed process
     never leaves a directory that looks complete. All processes must call this (each saves its own
     RNG state, FSDP its shards); the main process owns the temporary directory. `shards`: FSDP's
@@ -85,7 +149,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict[str, Any]
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-            (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
+            write_manifest(tmp, step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for old in complete_checkpoints(out_dir)[:-keep]:
@@ -117,7 +181,7 @@ def load_checkpoint(accelerator, checkpoint: Path, cfg, *, data_fp: str, shards:
     """Check that `checkpoint` belongs to this run (same stage config, data and number of processes),
     restore model, optimizer, scheduler and RNG states (FSDP: `shards` from DCP), and return its
     trainer state (step, data position, history)."""
-    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    state = read_json(checkpoint / TRAINER_STATE)
     if state.get("config_hash") != config_hash(cfg) or state.get("data_fingerprint") != data_fp:
         raise ValueError(
             f"{checkpoint} was written by a run with a different stage config or data; "
@@ -132,6 +196,14 @@ def load_checkpoint(accelerator, checkpoint: Path, cfg, *, data_fp: str, shards:
     if shards is not None:
         load_sharded(*shards, checkpoint / SHARDED)
     return state
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; an error names the file (json's own names only a line and column)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
 
 
 def config_hash(cfg) -> str:
@@ -176,4 +248,4 @@ def finished_summary(out_dir: Path) -> dict[str, Any] | None:
     if read_fingerprint(out_dir) is None:
         return None
     path = Path(out_dir) / "metrics.json"
-    return json.loads(path.read_text())["summary"] if path.is_file() else {}
+    return read_json(path)["summary"] if path.is_file() else {}

@@ -40,18 +40,23 @@ launch for a `ddp` recipe or with options the stage does not implement.
 One writer per output directory (`one_writer`): the process that writes `model/`, `metrics.json`
 and `fingerprint.json` (rank 0) holds an flock on the directory for the whole stage call, so a
 second run on the same `out_dir` (another launch, a flow run) stops with `OutputBusy` before any
-compute. The OS drops the lock when the holder dies, even on SIGKILL.
+compute. The OS drops the lock when the holder dies, even on SIGKILL. On a file system without
+flock the stage still runs (multi-node output directories live on such shared file systems), with
+a warning that nothing guards the directory.
 """
 
 from __future__ import annotations
 
 import fcntl
 import functools
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class LaunchError(ValueError):
@@ -227,8 +232,10 @@ def exclusive_output(out_dir: Path):
         except BlockingIOError:
             raise OutputBusy(f"{out_dir} is being written by another process (it holds the directory's lock): two runs "
                              "must not write one output directory. Wait for it, or use another out_dir") from None
-        except OSError:
-            pass  # a file system without flock: the flow's stage lock still guards its own runs
+        except OSError as exc:  # a file system without flock (some NFS mounts, FUSE buckets): cannot guard
+            log.warning("cannot lock %s (flock: %s): this file system does not support flock, so nothing stops a second "
+                        "run from writing the same output directory at the same time. Make sure only one run uses it "
+                        "(the flow's stage lock covers runs of one work dir only)", out_dir, exc.strerror or exc)
         yield
     finally:
         os.close(fd)

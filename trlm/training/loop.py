@@ -35,6 +35,7 @@ applied: a broken model is never exported, fingerprinted or handed to the next s
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ from trlm.training.checkpoints import (
     load_checkpoint,
     remove_incomplete,
     save_checkpoint,
+    sound_checkpoint,
     trainer_state,
 )
 from trlm.training.distributed import LaunchError, check_launch, shard_model
@@ -70,6 +72,7 @@ from trlm.training.modeling import (
 from trlm.training.optim import build_optimizer, build_scheduler, clip_gradients
 
 OnLog = Callable[[dict[str, float], int], None]
+log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -166,13 +169,15 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     runtime_s: float = 0.0
     total_tokens: float = 0.0
+    resumed_from: int | None = None  # the checkpoint's step this call resumed from (None: from the start)
 
 
 def maybe_resume(setup: Setup) -> tuple[int, Progress]:
-    """Restore the newest complete checkpoint in `out_dir/checkpoints/` (model, optimizer, scheduler,
-    RNG states) if there is one: (its step, its progress); else (0, nothing done). Rank 0 picks
-    the checkpoint for every process, so that all resume from the same step or none does."""
-    checkpoint = latest_checkpoint(setup.out_dir) if setup.is_main else None
+    """Restore the newest sound checkpoint in `out_dir/checkpoints/` (model, optimizer, scheduler,
+    RNG states) if there is one: (its step, its progress); else (0, nothing done). A damaged newer
+    one is named in a warning and skipped (`sound_checkpoint`). Rank 0 picks the checkpoint for
+    every process, so that all resume from the same step or none does."""
+    checkpoint = sound_checkpoint(setup.out_dir) if setup.is_main else None
     if setup.accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -183,7 +188,8 @@ def maybe_resume(setup: Setup) -> tuple[int, Progress]:
         raise LaunchError(f"process {setup.accelerator.process_index} cannot see {checkpoint}, which rank 0 resumes from: "
                           "out_dir must be on a file system that every machine shares")
     state = load_checkpoint(setup.accelerator, checkpoint, setup.cfg, data_fp=setup.data_fp, shards=setup.shards)
-    return state["step"], Progress(state["history"], state["runtime_s"], state["total_tokens"])
+    log.info("%s: resuming from %s (step %d of %d)", setup.stage, checkpoint, state["step"], setup.plan.total_steps)
+    return state["step"], Progress(state["history"], state["runtime_s"], state["total_tokens"], resumed_from=state["step"])
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -334,6 +340,7 @@ def finish(setup: Setup, model, progress: Progress, extra: dict[str, Any]) -> di
         "train_runtime_s": progress.runtime_s,
         "train_tokens_per_second": progress.total_tokens / max(progress.runtime_s, 1e-9),
         **extra,
+        **({"resumed_from_step": progress.resumed_from} if progress.resumed_from is not None else {}),
         "model_dir": str(setup.out_dir / "model"),
     }
     if setup.is_main:
