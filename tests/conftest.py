@@ -84,6 +84,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL cluster for the session; each server started on it gets its own database."""
+    from servers import Postgres
+
+    pg = Postgres.start()
+    yield pg
+    pg.stop()
+
+
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness

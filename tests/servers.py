@@ -1,5 +1,6 @@
 """Real servers on 127.0.0.1 for tests: an MLflow tracking server that serves artifacts (its
-destination a local directory or an S3 bucket) and moto's S3 server.
+destination a local directory or an S3 bucket, its store SQLite or PostgreSQL), moto's S3 server
+and a throwaway PostgreSQL cluster (Debian's `postgresql` package; .ci/run installs it).
 
 Each runs as the leader of its own process group on a free port, with a bounded start-up (a server
 that exits or does not answer in time fails the test with the end of its log), and is stopped with
@@ -8,11 +9,14 @@ its children (uvicorn workers) afterwards. Nothing here listens on anything but 
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -114,14 +118,15 @@ def _port_open(port: int) -> bool:
         return s.connect_ex((LOOPBACK, port)) == 0
 
 
-def mlflow_server(root: Path, destination: str, env: dict[str, str] | None = None, port: int | None = None) -> Server:
-    """`mlflow server --serve-artifacts --artifacts-destination DESTINATION` on a SQLite store in
-    `root`, one worker and no job runner (2-core CI). Clients get `mlflow-artifacts:` URIs and
-    send every byte through this server: they need its URL and nothing else."""
+def mlflow_server(root: Path, destination: str, env: dict[str, str] | None = None, port: int | None = None,
+                  backend: str | None = None, workers: int = 1) -> Server:
+    """`mlflow server --serve-artifacts --artifacts-destination DESTINATION` on `backend` (default: a
+    SQLite store in `root`), one worker and no job runner (2-core CI). Clients get `mlflow-artifacts:`
+    URIs and send every byte through this server: they need its URL and nothing else."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-           "--artifacts-destination", destination, "--host", LOOPBACK, "--port", str(port), "--workers", "1"]
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend or f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+           "--artifacts-destination", destination, "--host", LOOPBACK, "--port", str(port), "--workers", str(workers)]
     server_env = _quiet_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
     return Server("mlflow server", cmd, server_env, port, root / "mlflow-server.log")
 
@@ -174,3 +179,87 @@ def count_downloads(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting)
     return calls
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------
+
+
+def postgres_bin() -> Path | None:
+    """The newest of Debian's /usr/lib/postgresql/<version>/bin (initdb and pg_ctl are not on PATH)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3].split(".")[0]))
+    return Path(found[-1]).parent if found else None
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust authentication, user `trlm`), its data dir,
+    socket and log in one temporary folder. PostgreSQL refuses to run as root, so as root the
+    cluster runs as the `postgres` system user, and the folder (outside pytest's root-only
+    tmp dir, which that user cannot enter) is given to it."""
+
+    bin: Path
+    root: Path
+    port: int
+    user: str = "trlm"
+    created: int = 0
+
+    @classmethod
+    def start(cls, timeout: float = 60.0) -> "Postgres":
+        pg_bin = postgres_bin()
+        if pg_bin is None:
+            raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does it)")
+        pg = cls(pg_bin, Path(tempfile.mkdtemp(prefix="trlm-pg-")), free_port())
+        if os.geteuid() == 0:
+            shutil.chown(pg.root, "postgres")
+        try:
+            pg._as_owner("initdb", "-D", str(pg.data), "-A", "trust", "-U", pg.user, "-E", "UTF8", "--no-sync", timeout=timeout)
+            # fsync off: a test cluster need not survive a power cut, and the shared CI disk is slow.
+            opts = f"-p {pg.port} -k {pg.root} -c listen_addresses={LOOPBACK} -c fsync=off -c max_connections=200"
+            pg._as_owner("pg_ctl", "-D", str(pg.data), "-o", opts, "-l", str(pg.log), "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            pg.stop()
+            raise RuntimeError(f"PostgreSQL did not start on {LOOPBACK}:{pg.port}: {exc}\n{pg.tail()}") from None
+        return pg
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "postgres.log"
+
+    def _as_owner(self, tool: str, *args: str, timeout: float) -> str:
+        cmd = [str(self.bin / tool), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
+        return done.stdout
+
+    def database(self, name: str) -> str:
+        """A new, empty database (each server gets its own, so no test sees another's rows)."""
+        self.created += 1
+        name = f"{name}_{self.created}"
+        self._as_owner("createdb", "-h", LOOPBACK, "-p", str(self.port), "-U", self.user, name, timeout=30)
+        return name
+
+    def url(self, database: str, driver: str = "") -> str:
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{self.user}@{LOOPBACK}:{self.port}/{database}"
+
+    def stop(self) -> None:
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._as_owner("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop", timeout=40)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            self._as_owner("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop", timeout=20)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""

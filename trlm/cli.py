@@ -267,15 +267,16 @@ def up(recipe: RecipeOpt = None,
        timeout: Annotated[int, typer.Option(help="seconds to wait for both servers to answer")] = 180) -> None:
     """Start this work dir's Prefect and MLflow servers (both on 127.0.0.1) in the background.
 
-    Both keep their state in the work dir: Prefect's home and database in `prefect/`, MLflow's runs
-    in the work dir's store and its artifacts in `mlartifacts/`, served to clients over HTTP
+    Both keep their state in the work dir: Prefect's home and database in `prefect/` (or the database
+    of PREFECT_SERVER_DATABASE_CONNECTION_URL), MLflow's runs in the recipe's database store (SQLite
+    in the work dir, or PostgreSQL) and its artifacts in `mlartifacts/`, served to clients over HTTP
     (`mlflow-artifacts:/`), so a worker with another work dir fetches through the server. Neither
     server has authentication: they are bound to 127.0.0.1 for that reason.
     """
     import subprocess
 
     from trlm.artifacts import mask_uri
-    from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, port_in_use, record_server, recorded_process, wait_for
+    from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, is_database_store, port_in_use, record_server, recorded_process, wait_for
 
     r, _ = _load(recipe, None)
     work = r.work_path
@@ -288,9 +289,9 @@ def up(recipe: RecipeOpt = None,
             _fail(f"the {name} server started by an earlier `trlm up` is still running (pid {proc.pid}; see {logs / f'{name}.pid'}); "
                   "stop it with `trlm down` first")
     store = r.resolved_tracking_uri
-    if not store.startswith("sqlite"):
+    if not is_database_store(store):
         _fail(f"the tracking store is a server already ({mask_uri(store)}, from MLFLOW_TRACKING_URI or the recipe): "
-              "`trlm up` serves the work dir's own SQLite store; use that server's UI, or unset the setting")
+              "`trlm up` serves a database store (the work dir's SQLite, or PostgreSQL); use that server's UI, or unset the setting")
     busy = [f"{name} port {port}" for name, port in ports.items() if port_in_use(port)]
     if busy:
         _fail(f"already in use on 127.0.0.1: {', '.join(busy)} (another server?); choose other ports with --prefect-port/--mlflow-port")
@@ -320,7 +321,8 @@ def up(recipe: RecipeOpt = None,
         wait_for(health, started, timeout, lambda line: typer.echo(line, err=True))
     except RuntimeError as exc:
         _fail(f"{exc}; see the logs in {logs} (stop the servers with `trlm down`)")
-    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   (API http://127.0.0.1:{prefect_port}/api; database {work / PREFECT_DIR})")
+    database = os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL", "")
+    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   (API http://127.0.0.1:{prefect_port}/api; database {mask_uri(database)})")
     typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (store {mask_uri(store)}; artifacts {work / ARTIFACTS_DIR})")
     # Through the server: the experiment exists for the links, with MLflow's training-runs views.
     os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"

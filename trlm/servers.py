@@ -163,6 +163,15 @@ _DB_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONN
 _applied: dict[str, str] = {}  # setting -> value this process set from `trlm up`'s records
 
 
+# MLflow's database stores (mlflow.store.db.db_types), `postgresql+psycopg2://` and the like included
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def is_database_store(tracking_uri: str) -> bool:
+    """A store the client opens itself (no tracking server): its artifacts are this work dir's."""
+    return tracking_uri.split(":", 1)[0].split("+", 1)[0] in _DB_SCHEMES
+
+
 def prefect_database_url(work_dir: Path) -> str:
     return f"sqlite+aiosqlite:///{Path(work_dir) / PREFECT_DIR / 'prefect.db'}"
 

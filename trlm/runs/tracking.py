@@ -62,14 +62,15 @@ class Tracker:
 
         from trlm.runs.artifact_store import PROXY_TRANSFER_DEFAULTS
         from trlm.artifacts import work_dir_lock
+        from trlm.servers import is_database_store
 
         for name, value in PROXY_TRANSFER_DEFAULTS.items():
             os.environ.setdefault(name, value)
         work_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
         self.work_dir = work_dir
-        # Where `mlflow-artifacts:/` paths live when this store is the work dir's own (its SQLite
-        # file, or the server `trlm up` started over it): read and written in place, no transfer.
+        # Where `mlflow-artifacts:/` paths live when this store is the work dir's own (a database it
+        # opens itself, or the server `trlm up` started over it): read and written in place, no transfer.
         self.artifact_root = local_artifact_root(tracking_uri, work_dir)
         mlflow.set_tracking_uri(tracking_uri)
         # Two runs starting at once on a fresh work dir would both create and migrate the SQLite
@@ -80,7 +81,7 @@ class Tracker:
             if exp is None:
                 # Relative to the work dir's artifact root, never an absolute path: a copied or moved
                 # work dir reads and writes its own artifacts. (A server picks its own location.)
-                location = f"mlflow-artifacts:/{_slug(experiment)}" if tracking_uri.startswith("sqlite") else None
+                location = f"mlflow-artifacts:/{_slug(experiment)}" if is_database_store(tracking_uri) else None
                 try:
                     exp_id = self.client.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND: TRAINING_KIND})
                 except MlflowException:  # created meanwhile by a process on another machine (same server)
@@ -282,11 +283,12 @@ def _slug(name: str) -> str:
 
 
 def local_artifact_root(tracking_uri: str, work_dir: Path) -> Path | None:
-    """`<work_dir>/mlartifacts` when the store is the work dir's own: a SQLite file, or the MLflow
-    server `trlm up` started for it (which serves that directory as `mlflow-artifacts:/`)."""
-    from trlm.servers import ARTIFACTS_DIR, own_mlflow_url
+    """`<work_dir>/mlartifacts` when the store is the work dir's own: a database it opens itself
+    (SQLite, PostgreSQL, ...), or the MLflow server `trlm up` started for it (which serves that
+    directory as `mlflow-artifacts:/`)."""
+    from trlm.servers import ARTIFACTS_DIR, is_database_store, own_mlflow_url
 
-    if tracking_uri.startswith("sqlite") or tracking_uri.rstrip("/") == own_mlflow_url(work_dir):
+    if is_database_store(tracking_uri) or tracking_uri.rstrip("/") == own_mlflow_url(work_dir):
         return Path(work_dir) / ARTIFACTS_DIR
     return None
 
