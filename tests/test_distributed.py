@@ -8,7 +8,8 @@ On the tiny model, CPU, gloo, 2 processes:
   1e-3, a step moving a weight by up to 1e-3.
 * every rank killed with SIGKILL mid-stage, then a rerun == the uninterrupted run of the same world
   size, bit for bit (weights and every logged loss).
-* two torchrun "nodes" (--nnodes 2, one process each) == one node with 2 processes, bit for bit.
+* DPO with its reference model live (`precompute_ref_logps: false`) the same way, in DDP and FSDP2.
+* two torchrun "nodes" (--nnodes 2, one process each, c10d rendezvous) == one node with 2 processes, bit for bit.
 * the flow starts a stage under torchrun when its recipe says `num_processes: 2`, and a failed
   rank fails the launch with the stage's own error.
 * every shipped accelerate config runs the stages (single_gpu.yaml: the one-process reference;
@@ -99,8 +100,15 @@ def stage_runs(root: Path, data: dict, batch: dict, **train) -> list[dict]:
              "out": str(root / s)} for s in ("sft", "dpo")]
 
 
+def live_reference_run(root: Path, data: dict, batch: int, **train) -> dict:
+    """DPO without precomputed reference log-probs: the reference model runs beside the policy in every process."""
+    return {"stage": "dpo", "train": {"max_steps": STEPS, "save_steps": SAVE, **train, "batch_size": batch, "precompute_ref_logps": False},
+            "model": str(data["model"]), "data": str(data["dpo"]), "out": str(root / "dpo-live")}
+
+
 def results(root: Path) -> dict:
-    return {s: (json.loads(Path(f"{root / s}.logs.json").read_text()), model_state(root / s / "model")) for s in ("sft", "dpo")}
+    return {s.replace("-", "_"): (json.loads(Path(f"{root / s}.logs.json").read_text()), model_state(root / s / "model"))
+            for s in ("sft", "dpo", "dpo-live") if (root / s).is_dir()}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +122,7 @@ def data(tmp_path_factory, tokenizer_dir, tiny_model_dir) -> dict:
 def one_process(tmp_path_factory, data) -> dict:
     """1 process x batch 2b, launched with the shipped single_gpu.yaml (on a CPU: this CPU)."""
     root = tmp_path_factory.mktemp("one")
-    proc = launch(root, stage_runs(root, data, {"sft": 4, "dpo": 4}), launcher("single_gpu.yaml"))
+    proc = launch(root, [*stage_runs(root, data, {"sft": 4, "dpo": 4}), live_reference_run(root, data, 4)], launcher("single_gpu.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((root / "sft" / "fingerprint.json").read_text())["meta"]["num_processes"] == 1
     return results(root)
@@ -126,7 +134,8 @@ def two_processes(request, tmp_path_factory, data) -> SimpleNamespace:
     mode = request.param
     root = tmp_path_factory.mktemp(f"two-{mode}")
     config = {"ddp": "multi_gpu.yaml", "fsdp": "fsdp.yaml"}[mode]
-    proc = launch(root, stage_runs(root, data, {"sft": 2, "dpo": 2}, distributed=mode), launcher(config))
+    runs = [*stage_runs(root, data, {"sft": 2, "dpo": 2}, distributed=mode), live_reference_run(root, data, 2, distributed=mode)]
+    proc = launch(root, runs, launcher(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SimpleNamespace(mode=mode, root=root, **results(root))
 
@@ -141,7 +150,8 @@ def assert_same(a: dict, b: dict, exact: bool) -> None:
 
 
 def test_two_processes_match_one(two_processes, one_process):
-    for stage in ("sft", "dpo"):
+    assert set(one_process) == {"sft", "dpo", "dpo_live"}
+    for stage in ("sft", "dpo", "dpo_live"):
         (logs2, weights2), (logs1, weights1) = getattr(two_processes, stage), one_process[stage]
         assert [s for s, *_ in logs2] == [s for s, *_ in logs1] == list(range(1, STEPS + 1)), stage
         for (_, loss2, norm2), (_, loss1, norm1) in zip(logs2, logs1):
@@ -177,14 +187,15 @@ def test_kill_every_rank_and_resume(two_processes, data, tmp_path):
 
 @pytest.mark.parametrize("two_processes", ["fsdp"], indirect=True)
 def test_two_nodes_match_one_node(two_processes, data, tmp_path):
-    """`torchrun --nnodes 2 --node-rank 0|1 --nproc-per-node 1 --rdzv-endpoint 127.0.0.1:PORT`, twice."""
+    """`torchrun --nnodes 2 --node-rank 0|1 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT`,
+    twice: the multi-node launch the README documents (the c10d rendezvous, not the static one)."""
     sft_run = stage_runs(tmp_path, data, {"sft": 2, "dpo": 2}, distributed="fsdp")[0]
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(tests=str(TESTS)))
     port = _port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-                               "--rdzv-endpoint", f"127.0.0.1:{port}", str(worker), json.dumps([sft_run])],
+                               "--rdzv-backend", "c10d", "--rdzv-id", "two-nodes", "--rdzv-endpoint", f"127.0.0.1:{port}", str(worker), json.dumps([sft_run])],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
