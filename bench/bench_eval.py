@@ -8,7 +8,8 @@ real SmolLM2-135M base model, with the same settings except `backend`:
   and 20 IFEval items (seeded subsets, generation capped at 64 tokens).
 
 For every task the two backends run one after the other (hf first), so a change in the machine's
-load hits both. Printed per task: items, seconds and items/s of each side, then whether the two
+load hits both. Each side starts cold: the per-process caches (tasks, built requests, token encodings;
+eval/shared.py) are cleared before it, so the times are one model's, task loading included. Printed per task: items, seconds and items/s of each side, then whether the two
 agree: the largest per-request log-likelihood difference, is_greedy flags, generations, metrics.
 Last lines: the wall clock of each side over the slice and `ratio=<hf wall / trlm wall>`.
 
@@ -56,6 +57,8 @@ def agreement(docs: dict) -> dict:
 
 
 def run_part(model, tok, name: str, task: str, profile: str, sample: int | None, args, work: Path) -> list[dict]:
+    from trlm.eval import backend as trlm_backend
+    from trlm.eval import shared
     from trlm.eval.config import EvalConfig
     from trlm.eval.harness import evaluate
 
@@ -63,6 +66,8 @@ def run_part(model, tok, name: str, task: str, profile: str, sample: int | None,
     for backend in BACKENDS:
         cfg = EvalConfig(profile=profile, tasks=[task] if task else EvalConfig().tasks, sample=sample, batch_size=args.batch,
                          num_threads=args.threads, backend=backend)
+        shared.clear()  # each side cold, as one model alone: nothing built by the other side is reused
+        trlm_backend._ENCODINGS.clear()
         t0 = time.time()
         with quiet():
             docs[backend] = evaluate(model, tok, cfg, data_root=data_root(), work_dir=work / f"{name}-{backend}",

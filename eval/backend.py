@@ -21,9 +21,10 @@ through HFLM's own code. Results come back in the order of the requests and are 
 request cache as HFLM adds them. Numerics: float32 sums in another order than HFLM's, so per-request
 log-likelihoods agree to ~1e-6, not bitwise (tested to 1e-4 against HFLM in tests/test_eval_backend.py).
 
-Generation (`generate_until`) is HFLM's own (length-sorted, left-padded, KV cache, lm-eval's stop
-sequences), in batches of `gen_batch_size` rows if set, else `batch_size` as HFLM. (Wider batches were
-measured slower on the 2-core CPU at one thread: 20 GSM8K items took 341 s at 32 rows, 237 s at 8.)
+Generation (`generate_until`, eval/generate.py): HFLM's batches (length-sorted, left-padded, encoded by
+HFLM's own `tok_batch_encode`), `gen_batch_size` rows if set, else `batch_size` as HFLM; our greedy loop
+over the KV cache drops a row from the batch once it has produced EOS or one of lm-eval's stop strings.
+Texts equal HFLM's (tested item by item); what it cannot match (sampling, ...) goes through HFLM's code.
 
 Tokenization goes through a per-process cache keyed by the tokenizer's content (vocabulary, special
 tokens, BOS handling): every model of an eval stage with the same tokenizer shares the encodings of
@@ -181,14 +182,12 @@ class TrlmLM(HFLM):
             out.append(answers)
         return out
 
-    # --- generation: HFLM's, in wider batches -----------------------------------------------------
+    # --- generation: HFLM's batches, finished rows dropped (eval/generate.py) ---------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        if not self.gen_batch_size or self.batch_size == "auto":
+        from trlm.eval.generate import generate_until
+
+        if self.batch_size == "auto" or self.backend != "causal":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        narrow = self.batch_size_per_gpu
-        self.batch_size_per_gpu = self.gen_batch_size
-        try:
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self.batch_size_per_gpu = narrow
+        fallback = lambda reqs: super(TrlmLM, self).generate_until(reqs, disable_tqdm=True)  # noqa: E731
+        return generate_until(self, requests, int(self.gen_batch_size or self.batch_size), fallback)

@@ -25,7 +25,7 @@ class EvalConfig(Strict):
     )
     gen_batch_size: PositiveInt | None = Field(
         None, description="trlm backend: rows per generation batch; None = batch_size, as HFLM (measured on the 2-core CPU "
-        "at 1 thread: 32 made 20 GSM8K items 44% slower than 8, so generation is not widened by default)"
+        "at 1 thread with HFLM's generate: 32 made 20 GSM8K items 44% slower than 8, so generation is not widened by default)"
     )
     seed: Int = 1234
     apply_chat_template: Bool = True

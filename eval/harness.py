@@ -39,7 +39,8 @@ from trlm.eval.mirror import build_mirror, offline_datasets
 from trlm.eval.punkt import AFFECTED_IFEVAL_INSTRUCTIONS, ensure_punkt_tab
 from trlm.eval.quiet import no_git_probe, quiet
 from trlm.eval.results import baselines, full_split_majority, ifeval_inst_stderr, ifeval_instruction_counts, metric_table, pool_baselines, task_record
-from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS, first_items, indices_digest, leaf_tasks, load_task, task_manager
+from trlm.eval.shared import share_requests, shared_task
+from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS, first_items, indices_digest, leaf_tasks, task_manager
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ def _evaluate_task(run: _Run, name: str) -> dict[str, Any]:
 
     cfg = run.cfg
     t0 = time.time()
-    obj, plan, samples = load_task(run.tm, name, data_root=run.data_root, profile=cfg.profile, limit=cfg.limit, sample=run.sample, seed=cfg.seed)
+    obj, plan, samples = shared_task(run.tm, name, data_root=run.data_root, profile=cfg.profile, limit=cfg.limit, sample=run.sample, seed=cfg.seed)
+    share_requests(obj, run.lm)  # loaded, and its requests built, once per process (eval/shared.py)
     run.notes.extend(plan.notes)
     out = lm_eval.simple_evaluate(
         model=run.lm,

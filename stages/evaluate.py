@@ -17,7 +17,9 @@ for every model that has none.
 
 Trade-offs: models are evaluated one after another in this process, on one device, through the
 backend `eval.backend` names (`trlm`, the default: `trlm.eval.backend.TrlmLM`, each shared context
-scored once; `hf`: lm-eval's HFLM, the reference). The backend is an eval setting, so it is in each
+scored once; `hf`: lm-eval's HFLM, the reference). Being one process, the models share what does not
+depend on them (`trlm.eval.shared`): each task is loaded, and its requests built per tokenizer, once
+per stage, not once per model. The backend is an eval setting, so it is in each
 sub-step's key and in the recorded settings. The stage's own output is cheap to rebuild, so its key
 covers the report code too.
 """

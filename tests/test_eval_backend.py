@@ -132,3 +132,52 @@ def test_tokenizations_are_shared_per_tokenizer(tiny):
     thinking = type(tok).from_pretrained(tok.name_or_path)
     thinking.add_tokens(["<think>", "</think>"], special_tokens=True)
     assert tokenizer_key(thinking, None) != tokenizer_key(tok, None)  # added tokens: their own cache
+
+
+def _gen_requests(contexts, gen_kwargs):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("generate_until", {}, (c, dict(gen_kwargs)), i) for i, c in enumerate(contexts)]
+
+
+def test_direct_generations_equal_hflm_with_stops_eos_and_truncation(tiny):
+    """Prompts of many lengths (some left-truncated at max_length - max_gen_toks), stop strings taken from
+    HFLM's own texts so that rows stop early at different steps, and EOS: the same text for every request."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from trlm.eval.backend import TrlmLM
+
+    model, tok = tiny
+    contexts = [f"Item {i}:" + " tell me more" * (i * 3 % 17) for i in range(11)]
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64)
+    tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64)
+    with torch.no_grad():
+        free = hf.generate_until(_gen_requests(contexts, {"until": [], "max_gen_toks": 20, "do_sample": False}), disable_tqdm=True)
+        stops = sorted({t[len(t) // 2:len(t) // 2 + 2] for t in free if len(t) > 4})[:3]
+        assert stops, free
+        for kwargs in ({"until": [], "max_gen_toks": 20, "do_sample": False},
+                       {"until": stops, "max_gen_toks": 20, "do_sample": False},
+                       {"until": stops[:1], "max_gen_toks": 30, "temperature": 0.0}):
+            reqs = _gen_requests(contexts, kwargs)
+            a, b = hf.generate_until(reqs, disable_tqdm=True), tr.generate_until(reqs, disable_tqdm=True)
+            assert a == b, (kwargs, a, b)
+    assert sum(len(t) < len(f) for t, f in zip(a, free)) >= 2  # some rows did stop early
+
+
+def test_generation_falls_back_to_hflm_when_it_cannot_match(tiny, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    from trlm.eval.backend import TrlmLM
+    from trlm.eval.generate import greedy_settings
+
+    model, tok = tiny
+    tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=64)
+    assert greedy_settings(tr, {"until": ["\n"], "max_gen_toks": 8}) is not None
+    assert greedy_settings(tr, {"until": ["\n"], "do_sample": True, "temperature": 0.7}) is None
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.3)
+    assert greedy_settings(tr, {"until": ["\n"], "max_gen_toks": 8}) is None
+    calls = []
+    monkeypatch.setattr(HFLM, "generate_until", lambda self, reqs, disable_tqdm=False: calls.append(len(reqs)) or ["x"] * len(reqs))
+    assert tr.generate_until(_gen_requests(["a", "b", "c"], {"until": ["\n"], "max_gen_toks": 8})) == ["x"] * 3
+    assert calls == [3]

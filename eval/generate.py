@@ -1,0 +1,126 @@
+"""Greedy `generate_until` for `TrlmLM`: HFLM's batches, our own decode loop that drops finished rows.
+
+What HFLM does (lm_eval/models/huggingface.py, `generate_until` + `_model_generate`), and what is kept:
+
+* Requests are grouped by their generation kwargs, sorted by (-len(tok_encode(context)), context) and cut
+  into batches of `batch_size`; each batch is encoded by HFLM's own `tok_batch_encode` (left padding, its
+  BOS rule, `truncation`), left-truncated to `max_length - max_gen_toks` tokens. Kept as is (the same
+  calls), so every row sees exactly the padded prompt HFLM's `model.generate` sees.
+* `model.generate` greedy: position ids = cumsum(mask) - 1 (0 on padding), logits of the last position
+  only, argmax, rows past an EOS token filled with the pad token; at most `max_gen_toks` new tokens; the
+  whole batch stops when every row has produced one of the `until` strings. The text is the decoded new
+  tokens (special tokens skipped) cut at the first stop string.
+
+What changes: a row leaves the batch (its KV cache rows are dropped) as soon as it has produced EOS or a
+stop string, instead of decoding on until the slowest row of the batch is done. The text a row keeps is
+the same: HFLM's extra tokens come after the stop string and are cut off, and a row past EOS only adds
+pad tokens, which decoding skips (required: the pad token is a special token, else HFLM's path runs).
+
+Not handled here (HFLM's own path runs): sampling, any generation kwarg besides until / max_gen_toks /
+do_sample=False / temperature=0, a generation config that changes greedy tokens (repetition penalty,
+forced or suppressed tokens, ...), `think_end_token`, `batch_size="auto"`, seq2seq models.
+"""
+
+from __future__ import annotations
+
+import json
+
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+# generation-config fields that, when set, change which token greedy decoding picks or when it stops
+_GREEDY_NEUTRAL = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "sequence_bias": (None,),
+    "num_beams": (None, 1), "max_new_tokens": (None,), "exponential_decay_length_penalty": (None,),
+    "stop_strings": (None,), "watermarking_config": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,),
+}
+
+
+def greedy_settings(lm, gen_kwargs: dict) -> tuple[list[str], int] | None:
+    """(until, max_gen_toks) as HFLM derives them, or None when this loop would not match HFLM."""
+    if lm.backend != "causal" or lm.think_end_token is not None or lm.batch_size == "auto":
+        return None
+    kwargs = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
+    until = handle_stop_sequences(kwargs.pop("until", None), eos=lm.tok_decode(lm.eot_token_id, skip_special_tokens=False))
+    max_gen_toks = kwargs.pop("max_gen_toks")
+    if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) != 0.0 or kwargs:
+        return None
+    config = lm.model.generation_config
+    if any(getattr(config, k, None) not in ok for k, ok in _GREEDY_NEUTRAL.items()):
+        return None
+    pad = lm.tokenizer.pad_token_id
+    if pad is None or pad not in lm.tokenizer.all_special_ids or lm.max_length - max_gen_toks <= 0:
+        return None
+    return until, max_gen_toks
+
+
+def _eos_ids(lm) -> set[int]:
+    eos = lm.model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _stopped(lm, new_tokens: list[int], stops: list[tuple[str, int]]) -> bool:
+    """HFLM's stop test for one row: a stop string in the decoded last len(ids)+2 new tokens."""
+    return any(s in lm.tokenizer.decode(new_tokens[-n:]) for s, n in stops)
+
+
+def generate_batch(lm, contexts: list[str], until: list[str], max_gen_toks: int) -> list[str]:
+    """The texts HFLM's `generate_until` returns for one of its batches."""
+    import torch
+    from transformers import DynamicCache
+
+    ids, mask = lm.tok_batch_encode(list(contexts), left_truncate_len=lm.max_length - max_gen_toks, truncation=lm.truncation)
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    eos = _eos_ids(lm)
+    stops = [(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
+    new: list[list[int]] = [[] for _ in contexts]
+    live = list(range(len(contexts)))  # original row of each row still in the batch
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=lm.model.config)
+    step_ids = ids
+    amp = dict(device_type=lm.device.type, dtype=lm.mixed_precision_dtype, enabled=lm.mixed_precision_dtype is not None)
+    for _ in range(max_gen_toks):
+        with torch.no_grad(), torch.autocast(**amp):
+            out = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        chosen = out.logits[:, -1, :].to(dtype=torch.float32).argmax(dim=-1).tolist()
+        keep = []
+        for j, (row, tok) in enumerate(zip(live, chosen)):
+            new[row].append(tok)
+            if tok not in eos and not _stopped(lm, new[row], stops):
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=lm.device)
+            cache.batch_select_indices(index)
+            mask, pos, chosen = mask[index], pos[index], [chosen[j] for j in keep]
+            live = [live[j] for j in keep]
+        step_ids = torch.tensor(chosen, dtype=torch.long, device=lm.device)[:, None]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        pos = pos[:, -1:] + 1
+    return [postprocess_generated_text(lm.tok_decode(toks), stop=until, think_end_token=None) for toks in new]
+
+
+def generate_until(lm, requests, batch_size: int, fallback) -> list[str]:
+    """HFLM's `generate_until` with `generate_batch` for every batch it can match; `fallback(instances)` for
+    the rest. Results in request order, each added to lm-eval's request cache as HFLM adds it."""
+    results: list = [None] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for i, req in enumerate(requests):
+        groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+    for members in groups.values():
+        gen_kwargs = requests[members[0]].args[1]
+        settings = greedy_settings(lm, gen_kwargs)
+        if settings is None:
+            for i, text in zip(members, fallback([requests[i] for i in members])):
+                results[i] = text
+            continue
+        order = sorted(members, key=lambda i: (-len(lm.tok_encode(requests[i].args[0])), requests[i].args[0]))
+        for b in range(0, len(order), batch_size):
+            batch = order[b:b + batch_size]
+            contexts = [requests[i].args[0] for i in batch]
+            for i, context, text in zip(batch, contexts, generate_batch(lm, contexts, *settings)):
+                results[i] = text
+                lm.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+    return results
