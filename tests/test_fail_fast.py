@@ -107,3 +107,24 @@ raise RuntimeError(uri)
     assert "View run at: http://alice:***@127.0.0.1:9/api" in out.stdout
     assert "RuntimeError: http://alice:***@" in out.stderr and "ConnectionError: API request to http://alice:***@" in out.stderr
     assert "s3cr3tPW" not in out.stdout + out.stderr + text
+
+
+def test_library_chatter_stays_off_the_console():
+    """A run's console carries our lines and warnings, not a line per checkpoint file accelerate
+    saves nor MLflow's own INFO lines (its loggers are configured when it is imported)."""
+    script = """
+import logging
+from trlm.process_setup import quiet_environment
+from trlm.stages.registry import load_recipe
+quiet_environment(load_recipe("offline-smoke", check_files=False))
+import accelerate.checkpointing, mlflow.system_metrics.system_metrics_monitor
+logging.getLogger("accelerate.checkpointing").info("Scheduler state saved in /x/scheduler.bin")
+logging.getLogger("mlflow.system_metrics.system_metrics_monitor").info("Started monitoring system metrics.")
+logging.getLogger("accelerate.checkpointing").warning("a warning still shows")
+logging.getLogger("trlm.stage").info("our own line")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a warning still shows" in done.stderr and "our own line" in done.stderr
+    assert "Scheduler state saved" not in done.stderr and "Started monitoring" not in done.stderr

@@ -66,6 +66,8 @@ def quiet_environment(recipe) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # MLflow prints "View run ... at: <tracking URI>" with any credential in it; we print masked links.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow configures its own loggers at import (INFO: "Started monitoring system metrics", ...).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -79,7 +81,7 @@ def quiet_environment(recipe) -> None:
         for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ.setdefault(var, "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "alembic", "mlflow", "urllib3", "filelock"):
+    for noisy in ("httpx", "alembic", "mlflow", "urllib3", "filelock", "accelerate"):  # accelerate: a line per checkpoint file saved
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
