@@ -214,7 +214,7 @@ def test_flow_runs_a_stage_in_two_processes(prefect_env, tiny_model_dir, shared_
 
     recipe = write_tiny_recipe(tmp_path, tiny_model_dir, shared_data)
     content = yaml.safe_load(recipe.read_text())
-    recipe.write_text(yaml.safe_dump({k: v for k, v in content.items() if k not in ("sft_think", "dpo", "eval")}))
+    recipe.write_text(yaml.safe_dump({k: v for k, v in content.items() if k not in ("sft_think", "dpo", "grpo", "eval")}))
     overrides = ["sft_general.train.num_processes=2"]
     outcome = pipeline(recipe=str(recipe), overrides=overrides, stages="test_distributed:SHORT")
     out = Path(outcome["sft-general"]["path"])
