@@ -119,7 +119,7 @@ def test_stages_run_on_two_machines_sharing_only_the_server(dir_store, recipe, t
     _trlm("run", "--recipe", recipe, "--only", "data-prep")
     _trlm("run", "--recipe", recipe, "--only", "sft-general")
     on_a = _status(recipe)
-    assert _states(on_a) == ["done", "done", "missing", "missing", "missing"]
+    assert _states(on_a) == ["done", "done"] + ["missing"] * (len(STAGES) - 2)
     store = local_store.log.parent / "artifacts"
     for stage in on_a[:2]:
         assert stage["artifact_uri"] == f"runs:/{stage['run_id']}/output" and stage["artifact_path"] is None
