@@ -132,7 +132,8 @@ def short_table(tables: dict[str, list[dict]], rows: int = 4, width: int = 60) -
         text = f"{value:.3g}" if isinstance(value, float) else " ".join(str(value).split()).replace("|", "\\|")
         if len(text) > width:
             text = "…" + text[-width:] if column == "prompt" else text[:width] + "…"
-        return text
+        # as written: `<think>` is no HTML tag, `6*50` no emphasis (seen in Prefect's UI)
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("*", "\\*").replace("_", "\\_")
 
     columns = list(table[0])
     lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}", *(f"| {' | '.join(cell(c, r.get(c, '')) for c in columns)} |" for r in table[:rows])]

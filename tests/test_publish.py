@@ -40,11 +40,11 @@ def test_short_table_keeps_the_summary_readable():
     (where the question is), pipes escaped, numbers short; no table, no section."""
     from trlm.flows.publish import short_table
 
-    rows = [{"prompt": "x" * 100 + " How many apples?", "completion": "<think>a|b\n</think> 7" + "y" * 100, "reward": 1.0 / 3}] * 6
+    rows = [{"prompt": "x" * 100 + " How many apples?", "completion": "<think>a|b\n6*5_</think> 7" + "y" * 100, "reward": 1.0 / 3}] * 6
     text = short_table({"empty": [], "samples-step-1": rows}, rows=2, width=30)
     lines = text.strip().splitlines()
     assert lines[0] == "**samples-step-1** (first 2 of 6; all in the MLflow run's `tables/`)"
     assert lines[2:4] == ["| prompt | completion | reward |", "|---|---|---|"] and len(lines) == 6
-    assert lines[4].startswith("| …" + ("x" * 100 + " How many apples?")[-30:] + " | <think>a\\|b </think> 7")
+    assert lines[4].startswith("| …" + ("x" * 100 + " How many apples?")[-30:] + " | &lt;think&gt;a\\|b 6\\*5\\_&lt;/think&gt; 7")
     assert lines[4].endswith("… | 0.333 |")
     assert short_table({"empty": []}) == ""
