@@ -21,6 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from trlm.artifacts import mask_secrets, mask_uri
 from trlm.process_setup import quiet_environment, route_tracebacks
 from trlm.recipe import DEFAULT_RECIPE, RecipeError
 
@@ -118,7 +119,6 @@ def run(
                     done_as="cached")
         _where_to_look(r)
         return
-    from trlm.artifacts import mask_secrets, mask_uri
     from trlm.flows.pipeline import pipeline
     from trlm.servers import prefect_target, start_temporary_prefect
 
@@ -156,7 +156,6 @@ def _print_report(r, tracker) -> None:
 
 
 def _where_to_look(r) -> None:
-    from trlm.artifacts import mask_uri
 
     from trlm.servers import live_port, mlflow_ui_base
 
@@ -177,7 +176,6 @@ def status(recipe: RecipeOpt = None, set_: SetOpt = None, tracking_uri: Tracking
     r, _ = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
     _check_servers(r)
-    from trlm.artifacts import mask_uri
     from trlm.runs.lineage import plan
     from trlm.runs.tracking import setup_tracking
     from trlm.stages.registry import active
@@ -275,7 +273,6 @@ def up(recipe: RecipeOpt = None,
     """
     import subprocess
 
-    from trlm.artifacts import mask_uri
     from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, is_database_store, port_in_use, record_server, recorded_process, wait_for
 
     r, _ = _load(recipe, None)
