@@ -62,8 +62,10 @@ class Tracker:
 
         from trlm.runs.artifact_store import PROXY_TRANSFER_DEFAULTS
         from trlm.artifacts import work_dir_lock
+        from trlm.runs.mlflow_http import retry_only_when_told
         from trlm.servers import is_database_store
 
+        retry_only_when_told()  # a tracking server's 429/503 are retried; its 500s and lost connections are not
         for name, value in PROXY_TRANSFER_DEFAULTS.items():
             os.environ.setdefault(name, value)
         work_dir.mkdir(parents=True, exist_ok=True)
