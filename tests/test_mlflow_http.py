@@ -124,3 +124,65 @@ def test_max_retries_zero_still_means_no_retry(scripted, tmp_path, monkeypatch):
     with pytest.raises(MlflowException):
         _tracker(scripted["url"], tmp_path)
     assert len(scripted["seen"]) == 1
+
+
+@pytest.fixture()
+def closes_idle_connections():
+    """A server that answers the first request on a connection, keeps it open, and resets it when a
+    later request arrives on it: a server closing an idle keep-alive connection just as the client
+    reuses it (uvicorn after 5 s). `connections` counts the connections accepted."""
+    state = {"connections": 0, "requests": 0}
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def read_request(conn) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+        return True
+
+    def serve(conn):
+        with conn:
+            if not read_request(conn):
+                return
+            state["requests"] += 1
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n{}")
+            if read_request(conn):  # a request on the idle connection: reset it, unanswered
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            state["connections"] += 1
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    yield state
+    listener.close()
+
+
+def test_an_idle_connection_is_not_reused(closes_idle_connections, monkeypatch):
+    """Found by bench/bench_service.py: with 16 pipelines on 2 cores one `log_batch` hit a connection
+    uvicorn closed at its keep-alive timeout (`Connection reset by peer`), and its pipeline failed."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from trlm.runs.mlflow_http import IDLE_S, retry_only_when_told
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    retry_only_when_told()
+    client = MlflowClient(closes_idle_connections["url"])
+    client.log_batch("r1", metrics=[Metric("loss", 1.0, 0, 1)])
+    time.sleep(IDLE_S + 0.5)
+    client.log_batch("r1", metrics=[Metric("loss", 0.5, 0, 2)])
+    assert closes_idle_connections == {**closes_idle_connections, "connections": 2, "requests": 2}

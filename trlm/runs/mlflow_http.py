@@ -12,6 +12,12 @@ are retried, the answers with which a server says "come back later", honouring t
 times. A 500, any other status, a refused or dropped connection and a timeout fail at once: the
 error is the server's, reported as it is.
 
+A connection that sat idle in the pool is not reused after `IDLE_S` (1 s): servers close idle
+keep-alive connections (uvicorn, which `mlflow server` runs, after 5 s; gunicorn after 2 s), and a
+request sent on one just as the server closes it dies with `Connection reset by peer` although the
+server never read it. Under load (16 pipelines on 2 cores: a step's log call comes 5 s after the
+last) that race lost a pipeline's `log_batch`; a fresh connection costs a TCP handshake instead.
+
 This replaces MLflow's (private) session factory, through which every MLflow HTTP call goes
 (REST store, `mlflow-artifacts` transfers, model registry); tests/test_mlflow_http.py checks the
 behaviour through `MlflowClient` against a local server, so an MLflow release that moves it fails
@@ -27,6 +33,7 @@ from functools import lru_cache
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 503})
+IDLE_S = 1.0  # below any server's keep-alive timeout
 
 
 def retry_only_when_told() -> None:
@@ -55,7 +62,6 @@ def _session(max_retries: int, backoff_factor: float, backoff_jitter: float, cod
     """One session per settings and process (as MLflow's: a forked child must not share sockets)."""
     import requests
     from mlflow.environment_variables import MLFLOW_HTTP_POOL_CONNECTIONS, MLFLOW_HTTP_POOL_MAXSIZE
-    from mlflow.utils.request_utils import TCPKeepAliveHTTPAdapter
     from urllib3.util import Retry
 
     retry = Retry(
@@ -65,12 +71,58 @@ def _session(max_retries: int, backoff_factor: float, backoff_jitter: float, cod
         backoff_factor=backoff_factor, backoff_jitter=backoff_jitter,
         respect_retry_after_header=respect_retry_after, raise_on_status=raise_on_status,
     )
-    adapter = TCPKeepAliveHTTPAdapter(pool_connections=MLFLOW_HTTP_POOL_CONNECTIONS.get(), pool_maxsize=MLFLOW_HTTP_POOL_MAXSIZE.get(),
+    adapter = _FreshConnections(pool_connections=MLFLOW_HTTP_POOL_CONNECTIONS.get(), pool_maxsize=MLFLOW_HTTP_POOL_MAXSIZE.get(),
                                       max_retries=retry)
     s = requests.Session()
     s.mount("https://", adapter)
     s.mount("http://", adapter)
     return s
+
+
+def _fresh_pool(base):
+    """`base` (urllib3's HTTP(S)ConnectionPool) that closes a pooled connection idle for over IDLE_S
+    before reusing it (it reconnects on use), as urllib3 itself does with one the server has closed."""
+    import time
+
+    class Pool(base):
+        def _get_conn(self, timeout=None):
+            conn = super()._get_conn(timeout)
+            idle_since = getattr(conn, "trlm_idle_since", None)
+            if idle_since is not None and time.monotonic() - idle_since > IDLE_S:
+                conn.close()
+            return conn
+
+        def _put_conn(self, conn):
+            if conn is not None:
+                conn.trlm_idle_since = time.monotonic()
+            super()._put_conn(conn)
+
+    Pool.__name__ = f"Fresh{base.__name__}"
+    return Pool
+
+
+@lru_cache(maxsize=1)
+def _adapter_class():
+    from mlflow.utils.request_utils import TCPKeepAliveHTTPAdapter
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    pools = {"http": _fresh_pool(HTTPConnectionPool), "https": _fresh_pool(HTTPSConnectionPool)}
+
+    class FreshConnections(TCPKeepAliveHTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, *args, **kwargs):
+            manager = super().proxy_manager_for(*args, **kwargs)
+            manager.pool_classes_by_scheme = pools
+            return manager
+
+    return FreshConnections
+
+
+def _FreshConnections(**kwargs):
+    return _adapter_class()(**kwargs)
 
 
 def _mlflow_version() -> str:
