@@ -3,9 +3,10 @@
 MLflow's own policy (mlflow/utils/request_utils.py, `_cached_get_request_session`) retries every
 method `MLFLOW_HTTP_REQUEST_MAX_RETRIES` times (default 7, with exponential backoff: about 4
 minutes) on 408, 429, 500, 502, 503 and 504, and on every refused connection and read error. So a
-store that fails under load (SQLite's `database is locked`, answered as a 500) is hidden behind
-retries of a request that may have half-run (`log_batch`, `create_run`), and a server that went
-away mid-run takes minutes to fail. Here only 429 (Too Many Requests) and 503 (Service Unavailable)
+store error (a 500) is hidden behind retries of a request that may have half-run (`log_batch`,
+`create_run`), and a server that went away mid-run takes minutes to fail. (MLflow's server itself
+answers a database `OperationalError`, SQLite's `database is locked` among them, with 503
+TEMPORARILY_UNAVAILABLE after rolling back: that one it says to retry, and it is retried.) Here only 429 (Too Many Requests) and 503 (Service Unavailable)
 are retried, the answers with which a server says "come back later", honouring their
 `Retry-After` (as MLflow does, `MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER`), else MLflow's backoff
 (`MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`, `..._JITTER`), at most `MLFLOW_HTTP_REQUEST_MAX_RETRIES`
