@@ -21,10 +21,14 @@ through HFLM's own code. Results come back in the order of the requests and are 
 request cache as HFLM adds them. Numerics: float32 sums in another order than HFLM's, so per-request
 log-likelihoods agree to ~1e-6, not bitwise (tested to 1e-4 against HFLM in tests/test_eval_backend.py).
 
-Generation (`generate_until`, eval/generate.py): HFLM's batches (length-sorted, left-padded, encoded by
-HFLM's own `tok_batch_encode`), `gen_batch_size` rows if set, else `batch_size` as HFLM; our greedy loop
-over the KV cache drops a row from the batch once it has produced EOS or one of lm-eval's stop strings.
-Texts equal HFLM's (tested item by item); what it cannot match (sampling, ...) goes through HFLM's code.
+Generation (`generate_until`, eval/generate.py): HFLM's prompts (its order, batches and `tok_batch_encode`),
+each prefilled alone without padding, then decoded `gen_batch_size` rows at a time (if set, else
+`batch_size`) in a preallocated KV cache; our greedy loop drops a row from the batch once it has produced
+EOS or one of lm-eval's stop strings. Texts equal HFLM's (tested item by item); what it cannot match
+(sampling, ...) goes through HFLM's code.
+
+A batch whose continuations are all one token (MMLU's answer letters) is plain causal rows: no 4D mask,
+so SDPA skips the masked half of attention.
 
 Tokenization goes through a per-process cache keyed by the tokenizer's content (vocabulary, special
 tokens, BOS handling): every model of an eval stage with the same tokenizer shares the encodings of

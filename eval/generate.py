@@ -1,24 +1,35 @@
-"""Greedy `generate_until` for `TrlmLM`: HFLM's batches, our own decode loop that drops finished rows.
+"""Greedy `generate_until` for `TrlmLM`: HFLM's prompts, our own prefill and decode loop (finished rows dropped).
 
 What HFLM does (lm_eval/models/huggingface.py, `generate_until` + `_model_generate`), and what is kept:
 
 * Requests are grouped by their generation kwargs, sorted by (-len(tok_encode(context)), context) and cut
   into batches of `batch_size`; each batch is encoded by HFLM's own `tok_batch_encode` (left padding, its
   BOS rule, `truncation`), left-truncated to `max_length - max_gen_toks` tokens. Kept as is (the same
-  calls), so every row sees exactly the padded prompt HFLM's `model.generate` sees.
+  calls, the same batches), so every prompt has exactly the tokens HFLM's `model.generate` gets.
 * `model.generate` greedy: position ids = cumsum(mask) - 1 (0 on padding), logits of the last position
   only, argmax, rows past an EOS token filled with the pad token; at most `max_gen_toks` new tokens; the
   whole batch stops when every row has produced one of the `until` strings. The text is the decoded new
   tokens (special tokens skipped) cut at the first stop string.
 
-What changes: a row leaves the batch (its KV cache rows are dropped) as soon as it has produced EOS or a
-stop string, instead of decoding on until the slowest row of the batch is done. The text a row keeps is
-the same: HFLM's extra tokens come after the stop string and are cut off, and a row past EOS only adds
-pad tokens, which decoding skips (required: the pad token is a special token, else HFLM's path runs).
+What changes (the same tokens; float sums in another order, as any change of batch does in HFLM):
+
+* **Prefill one prompt at a time, unpadded.** No left padding, no mask: SDPA runs causal (the masked upper
+  triangle is skipped, no [B, T, T] mask, grouped-query heads without copying K/V). The caches are then
+  left-padded into one batch cache, and decoding goes on with HFLM's mask and position ids.
+* **A preallocated KV cache** (`_buffer_layer_class`): room for `max_gen_toks` more tokens, so a decode
+  step writes one position instead of `torch.cat`-copying the whole cache of every layer.
+* **Finished rows leave the batch.** A row's KV cache rows are dropped as soon as it has produced EOS or a
+  stop string, instead of decoding on until the slowest row of the batch is done. The text a row keeps
+  is the same: HFLM's extra tokens come after the stop string and are cut off, and a row past EOS only
+  adds pad tokens, which decoding skips (required: the pad token is a special token, else HFLM's path runs).
+* **Decode batch apart from the encode batch.** Since a row's prompt no longer depends on its batch,
+  the rows (in HFLM's order) are decoded `gen_batch_size` at a time: on a CPU a decode step reads every
+  weight once whatever the batch, so wider batches cost less per row.
 
 Not handled here (HFLM's own path runs): sampling, any generation kwarg besides until / max_gen_toks /
 do_sample=False / temperature=0, a generation config that changes greedy tokens (repetition penalty,
-forced or suppressed tokens, ...), `think_end_token`, `batch_size="auto"`, seq2seq models.
+forced or suppressed tokens, ...), `think_end_token`, `batch_size="auto"`, seq2seq models, a model
+whose cache has other than plain full-attention layers (sliding windows, ...).
 """
 
 from __future__ import annotations
@@ -141,11 +152,6 @@ def _plain_layers(lm) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=lm.model.config).layers)
-
-
-def generate_batch(lm, contexts: list[str], until: list[str], max_gen_toks: int) -> list[str]:
-    """The texts HFLM's `generate_until` returns for one of its batches."""
-    return generate_rows(lm, encode_rows(lm, contexts, max_gen_toks), until, max_gen_toks)
 
 
 def encode_rows(lm, contexts: list[str], max_gen_toks: int) -> list[list[int]]:
