@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["smoke", "slice"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1 on a shared CPU)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tasks", help="slice: only these tasks (comma-separated), e.g. gsm8k,ifeval")
     ap.add_argument("--gen-batch", type=int, help="trlm side: rows per decode batch (default: --batch, as HFLM)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -106,6 +107,8 @@ def main() -> None:
         rows += run_part(model, tok, "smoke", "", "smoke", None, args, work)
     if args.only in (None, "slice"):
         for task, profile, n in SLICE:
+            if args.tasks and task not in args.tasks.split(","):
+                continue
             rows += run_part(model, tok, "slice", task, profile, n, args, work)
     cols = ["part", "task", "items", "hf_s", "hf_items/s", "trlm_s", "trlm_items/s", "max_ll_diff", "greedy_flag_diffs",
             "generations", "generations_identical", "metrics_equal"]
