@@ -14,13 +14,14 @@ agree: the largest per-request log-likelihood difference, is_greedy flags, gener
 Last lines: the wall clock of each side over the slice and `ratio=<hf wall / trlm wall>`.
 
 Usage:
-    python bench/bench_eval.py [--only smoke|slice] [--threads 1] [--batch 8] [--out FILE.json]
+    python bench/bench_eval.py [--only smoke|slice] [--threads 1] [--batch 8] [--gen-batch N] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def run_part(model, tok, name: str, task: str, profile: str, sample: int | None,
     docs, rows = {}, {}
     for backend in BACKENDS:
         cfg = EvalConfig(profile=profile, tasks=[task] if task else EvalConfig().tasks, sample=sample, batch_size=args.batch,
-                         num_threads=args.threads, backend=backend)
+                         num_threads=args.threads, backend=backend, gen_batch_size=args.gen_batch)
         shared.clear()  # each side cold, as one model alone: nothing built by the other side is reused
         trlm_backend._ENCODINGS.clear()
         t0 = time.time()
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["smoke", "slice"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1 on a shared CPU)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tasks", help="slice: only these tasks (comma-separated), e.g. gsm8k,ifeval")
+    ap.add_argument("--gen-batch", type=int, help="trlm side: rows per decode batch (default: --batch, as HFLM)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -97,12 +100,15 @@ def main() -> None:
     path = base_model_dir()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
     work = scratch_dir("bench-eval-")
-    print(f"machine: {machine()}; model {path}; batch {args.batch}; threads {args.threads}", flush=True)
+    print(f"machine: {machine()}; model {path}; batch {args.batch}; gen batch (trlm) {args.gen_batch or args.batch}; "
+          f"threads {args.threads}; load {os.getloadavg()}", flush=True)
     rows: list[dict] = []
     if args.only in (None, "smoke"):
         rows += run_part(model, tok, "smoke", "", "smoke", None, args, work)
     if args.only in (None, "slice"):
         for task, profile, n in SLICE:
+            if args.tasks and task not in args.tasks.split(","):
+                continue
             rows += run_part(model, tok, "slice", task, profile, n, args, work)
     cols = ["part", "task", "items", "hf_s", "hf_items/s", "trlm_s", "trlm_items/s", "max_ll_diff", "greedy_flag_diffs",
             "generations", "generations_identical", "metrics_equal"]
@@ -116,6 +122,7 @@ def main() -> None:
             hf, tr = sum(r["hf_s"] for r in sel), sum(r["trlm_s"] for r in sel)
             summary[part] = {"hf_wall_s": round(hf, 1), "trlm_wall_s": round(tr, 1), "ratio": round(hf / tr, 2)}
             print(f"{part}: hf {hf:.1f} s, trlm {tr:.1f} s, ratio={hf / tr:.2f}")
+    print(f"load at the end: {os.getloadavg()}")
     if args.out:
         write_json(args.out, {"machine": machine(), "rows": rows, "summary": summary})
 

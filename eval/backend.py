@@ -21,10 +21,14 @@ through HFLM's own code. Results come back in the order of the requests and are 
 request cache as HFLM adds them. Numerics: float32 sums in another order than HFLM's, so per-request
 log-likelihoods agree to ~1e-6, not bitwise (tested to 1e-4 against HFLM in tests/test_eval_backend.py).
 
-Generation (`generate_until`, eval/generate.py): HFLM's batches (length-sorted, left-padded, encoded by
-HFLM's own `tok_batch_encode`), `gen_batch_size` rows if set, else `batch_size` as HFLM; our greedy loop
-over the KV cache drops a row from the batch once it has produced EOS or one of lm-eval's stop strings.
-Texts equal HFLM's (tested item by item); what it cannot match (sampling, ...) goes through HFLM's code.
+Generation (`generate_until`, eval/generate.py): HFLM's prompts (its order, batches and `tok_batch_encode`),
+each prefilled alone without padding, then decoded `gen_batch_size` rows at a time (if set, else
+`batch_size`) in a preallocated KV cache; our greedy loop drops a row from the batch once it has produced
+EOS or one of lm-eval's stop strings. Texts equal HFLM's (tested item by item); what it cannot match
+(sampling, ...) goes through HFLM's code.
+
+A batch whose continuations are all one token (MMLU's answer letters) is plain causal rows: no 4D mask,
+so SDPA skips the masked half of attention.
 
 Tokenization goes through a per-process cache keyed by the tokenizer's content (vocabulary, special
 tokens, BOS handling): every model of an eval stage with the same tokenizer shares the encodings of
@@ -160,13 +164,21 @@ class TrlmLM(HFLM):
             n = len(tokens)
             ids[r, :n], pos[r, :n], doc[r, :n] = torch.tensor(tokens), torch.tensor(positions), torch.tensor(docs)
             flat += [r * width + q for at in scored_at for q in at]
-        # query q sees key k when k is not after q, and k is in the context or in q's own continuation
-        allowed = (pos[:, None, :] <= pos[:, :, None]) & ((doc[:, None, :] == 0) | (doc[:, None, :] == doc[:, :, None]))
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        if bool((doc <= 0).all()):
+            # every continuation is one token (MMLU's letters): the rows are plain causal sequences. No mask, so
+            # SDPA runs causal (the upper triangle skipped, no [T, T] mask); padding gets positions after the
+            # row's last so transformers sees no packed sequences. Right padding: no real token sees it.
+            mask = None
+            pad = doc < 0
+            pos = torch.where(pad, torch.arange(width).expand(len(rows), width), pos)
+        else:
+            # query q sees key k when k is not after q, and k is in the context or in q's own continuation
+            allowed = (pos[:, None, :] <= pos[:, :, None]) & ((doc[:, None, :] == 0) | (doc[:, None, :] == doc[:, :, None]))
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None].to(device)
         amp = dict(device_type=device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None)
         with torch.no_grad(), torch.autocast(**amp):
             backbone = getattr(self.model, self.model.base_model_prefix)
-            hidden = backbone(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask[:, None].to(device),
+            hidden = backbone(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask,
                               use_cache=False).last_hidden_state
             picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, dtype=torch.long, device=device))
             logits = self.model.get_output_embeddings()(picked)
@@ -190,4 +202,4 @@ class TrlmLM(HFLM):
         if self.batch_size == "auto" or self.backend != "causal":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         fallback = lambda reqs: super(TrlmLM, self).generate_until(reqs, disable_tqdm=True)  # noqa: E731
-        return generate_until(self, requests, int(self.gen_batch_size or self.batch_size), fallback)
+        return generate_until(self, requests, int(self.gen_batch_size or self.batch_size), fallback, encode_batch_size=int(self.batch_size))

@@ -1,24 +1,35 @@
-"""Greedy `generate_until` for `TrlmLM`: HFLM's batches, our own decode loop that drops finished rows.
+"""Greedy `generate_until` for `TrlmLM`: HFLM's prompts, our own prefill and decode loop (finished rows dropped).
 
 What HFLM does (lm_eval/models/huggingface.py, `generate_until` + `_model_generate`), and what is kept:
 
 * Requests are grouped by their generation kwargs, sorted by (-len(tok_encode(context)), context) and cut
   into batches of `batch_size`; each batch is encoded by HFLM's own `tok_batch_encode` (left padding, its
   BOS rule, `truncation`), left-truncated to `max_length - max_gen_toks` tokens. Kept as is (the same
-  calls), so every row sees exactly the padded prompt HFLM's `model.generate` sees.
+  calls, the same batches), so every prompt has exactly the tokens HFLM's `model.generate` gets.
 * `model.generate` greedy: position ids = cumsum(mask) - 1 (0 on padding), logits of the last position
   only, argmax, rows past an EOS token filled with the pad token; at most `max_gen_toks` new tokens; the
   whole batch stops when every row has produced one of the `until` strings. The text is the decoded new
   tokens (special tokens skipped) cut at the first stop string.
 
-What changes: a row leaves the batch (its KV cache rows are dropped) as soon as it has produced EOS or a
-stop string, instead of decoding on until the slowest row of the batch is done. The text a row keeps is
-the same: HFLM's extra tokens come after the stop string and are cut off, and a row past EOS only adds
-pad tokens, which decoding skips (required: the pad token is a special token, else HFLM's path runs).
+What changes (the same tokens; float sums in another order, as any change of batch does in HFLM):
+
+* **Prefill one prompt at a time, unpadded.** No left padding, no mask: SDPA runs causal (the masked upper
+  triangle is skipped, no [B, T, T] mask, grouped-query heads without copying K/V). The caches are then
+  left-padded into one batch cache, and decoding goes on with HFLM's mask and position ids.
+* **A preallocated KV cache** (`_buffer_layer_class`): room for `max_gen_toks` more tokens, so a decode
+  step writes one position instead of `torch.cat`-copying the whole cache of every layer.
+* **Finished rows leave the batch.** A row's KV cache rows are dropped as soon as it has produced EOS or a
+  stop string, instead of decoding on until the slowest row of the batch is done. The text a row keeps
+  is the same: HFLM's extra tokens come after the stop string and are cut off, and a row past EOS only
+  adds pad tokens, which decoding skips (required: the pad token is a special token, else HFLM's path runs).
+* **Decode batch apart from the encode batch.** Since a row's prompt no longer depends on its batch,
+  the rows (in HFLM's order) are decoded `gen_batch_size` at a time: on a CPU a decode step reads every
+  weight once whatever the batch, so wider batches cost less per row.
 
 Not handled here (HFLM's own path runs): sampling, any generation kwarg besides until / max_gen_toks /
 do_sample=False / temperature=0, a generation config that changes greedy tokens (repetition penalty,
-forced or suppressed tokens, ...), `think_end_token`, `batch_size="auto"`, seq2seq models.
+forced or suppressed tokens, ...), `think_end_token`, `batch_size="auto"`, seq2seq models, a model
+whose cache has other than plain full-attention layers (sliding windows, ...).
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ def greedy_settings(lm, gen_kwargs: dict) -> tuple[list[str], int] | None:
     if any(getattr(config, k, None) not in ok for k, ok in _GREEDY_NEUTRAL.items()):
         return None
     pad = lm.tokenizer.pad_token_id
-    if pad is None or pad not in lm.tokenizer.all_special_ids or lm.max_length - max_gen_toks <= 0:
+    if pad is None or pad not in lm.tokenizer.all_special_ids or lm.max_length - max_gen_toks <= 0 or not _plain_layers(lm):
         return None
     return until, max_gen_toks
 
@@ -65,25 +76,107 @@ def _stopped(lm, new_tokens: list[int], stops: list[tuple[str, int]]) -> bool:
     return any(s in lm.tokenizer.decode(new_tokens[-n:]) for s, n in stops)
 
 
-def generate_batch(lm, contexts: list[str], until: list[str], max_gen_toks: int) -> list[str]:
-    """The texts HFLM's `generate_until` returns for one of its batches."""
+_LAYER_CLASS: list = []
+
+
+def _buffer_layer_class():
+    """A `DynamicLayer` whose keys/values are views into a buffer with room for the tokens still to come: a
+    decode step writes one position instead of copying the whole cache (`torch.cat`, as long as the forward
+    pass itself for a 1,100-token GSM8K prompt on the CPU). The values the attention sees are the same."""
+    if _LAYER_CLASS:
+        return _LAYER_CLASS[0]
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        def __init__(self, keys, values, length: int):
+            super().__init__()
+            self._k, self._v, self._n = keys, values, length  # buffers [B, H, capacity, D]; positions filled
+            self.device, self.is_initialized = keys.device, True
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, t = self._n, key_states.shape[-2]
+            if n + t > self._k.shape[-2]:  # out of room: grow (not when sized for max_gen_toks)
+                self._k, self._v = (torch.cat([b[:, :, :n], b.new_zeros(*b.shape[:2], t, b.shape[-1])], dim=-2)
+                                    for b in (self._k, self._v))
+            self._k[:, :, n:n + t] = key_states
+            self._v[:, :, n:n + t] = value_states
+            self._n = n + t
+            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices) -> None:
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+
+    _LAYER_CLASS.append(BufferLayer)
+    return BufferLayer
+
+
+def _prefill(lm, rows: list[list[int]], reserve: int, amp: dict):
+    """Each prompt through the model alone, unpadded (causal attention, no mask: no FLOPs on padding or on
+    the masked upper triangle), then the caches left-padded into one batch cache with `reserve` free
+    positions. Returns (cache, attention mask, position ids of the last prompt token, first new tokens)."""
     import torch
     from transformers import DynamicCache
 
+    width = max(len(r) for r in rows)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=lm.device)
+    firsts: list[int] = []
+    bufs: list[tuple] | None = None
+    for r, tokens in enumerate(rows):
+        one = DynamicCache(config=lm.model.config)
+        with torch.no_grad(), torch.autocast(**amp):
+            out = lm.model(input_ids=torch.tensor([tokens], dtype=torch.long, device=lm.device), cache=one, use_cache=True,
+                           logits_to_keep=1)
+        firsts.append(int(out.logits[0, -1, :].to(dtype=torch.float32).argmax()))
+        if bufs is None:
+            bufs = [(layer.keys.new_zeros(len(rows), layer.keys.shape[1], width + reserve, layer.keys.shape[-1]),
+                     layer.values.new_zeros(len(rows), layer.values.shape[1], width + reserve, layer.values.shape[-1]))
+                    for layer in one.layers]
+        n = len(tokens)
+        for (k, v), layer in zip(bufs, one.layers):
+            k[r, :, width - n:width], v[r, :, width - n:width] = layer.keys[0], layer.values[0]
+        mask[r, width - n:] = 1
+    cache = DynamicCache(config=lm.model.config)
+    layer_cls = _buffer_layer_class()
+    cache.layers = [layer_cls(k, v, width) for k, v in bufs]
+    pos = torch.tensor([[len(r) - 1] for r in rows], dtype=torch.long, device=lm.device)
+    return cache, mask, pos, firsts
+
+
+def _plain_layers(lm) -> bool:
+    """Every layer of the model's DynamicCache is a plain full-attention `DynamicLayer` (no sliding window)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=lm.model.config).layers)
+
+
+def encode_rows(lm, contexts: list[str], max_gen_toks: int) -> list[list[int]]:
+    """The prompt tokens of each context exactly as HFLM's batch encodes them (its `tok_batch_encode`: BOS
+    rule, left truncation to `max_length - max_gen_toks`), without the left padding."""
     ids, mask = lm.tok_batch_encode(list(contexts), left_truncate_len=lm.max_length - max_gen_toks, truncation=lm.truncation)
-    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def generate_rows(lm, rows: list[list[int]], until: list[str], max_gen_toks: int) -> list[str]:
+    """Greedy continuations of the prompts `rows` (token ids), finished rows dropped from the batch."""
+    import torch
+
     eos = _eos_ids(lm)
     stops = [(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
-    new: list[list[int]] = [[] for _ in contexts]
-    live = list(range(len(contexts)))  # original row of each row still in the batch
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=lm.model.config)
-    step_ids = ids
+    new: list[list[int]] = [[] for _ in rows]
     amp = dict(device_type=lm.device.type, dtype=lm.mixed_precision_dtype, enabled=lm.mixed_precision_dtype is not None)
-    for _ in range(max_gen_toks):
-        with torch.no_grad(), torch.autocast(**amp):
-            out = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-        chosen = out.logits[:, -1, :].to(dtype=torch.float32).argmax(dim=-1).tolist()
+    cache, mask, pos, chosen = _prefill(lm, rows, max_gen_toks, amp)
+    live = list(range(len(rows)))  # original row of each row still in the batch
+    for step in range(max_gen_toks):
+        if step:
+            with torch.no_grad(), torch.autocast(**amp):
+                out = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                               logits_to_keep=1)
+            chosen = out.logits[:, -1, :].to(dtype=torch.float32).argmax(dim=-1).tolist()
         keep = []
         for j, (row, tok) in enumerate(zip(live, chosen)):
             new[row].append(tok)
@@ -98,17 +191,20 @@ def generate_batch(lm, contexts: list[str], until: list[str], max_gen_toks: int)
             live = [live[j] for j in keep]
         step_ids = torch.tensor(chosen, dtype=torch.long, device=lm.device)[:, None]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-        pos = pos[:, -1:] + 1
+        pos = pos + 1
     return [postprocess_generated_text(lm.tok_decode(toks), stop=until, think_end_token=None) for toks in new]
 
 
-def generate_until(lm, requests, batch_size: int, fallback) -> list[str]:
-    """HFLM's `generate_until` with `generate_batch` for every batch it can match; `fallback(instances)` for
-    the rest. Results in request order, each added to lm-eval's request cache as HFLM adds it."""
+def generate_until(lm, requests, batch_size: int, fallback, encode_batch_size: int | None = None) -> list[str]:
+    """HFLM's `generate_until` with our greedy loop wherever it can match HFLM; `fallback(instances)` for the
+    rest. The prompts are ordered and encoded as HFLM does (batches of `encode_batch_size`, default
+    `batch_size`), then decoded `batch_size` rows at a time: a row's text does not depend on the rows
+    decoded beside it. Results in request order, each added to lm-eval's request cache as HFLM adds it."""
     results: list = [None] * len(requests)
     groups: dict[str, list[int]] = {}
     for i, req in enumerate(requests):
         groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+    encode_batch_size = encode_batch_size or batch_size
     for members in groups.values():
         gen_kwargs = requests[members[0]].args[1]
         settings = greedy_settings(lm, gen_kwargs)
@@ -116,11 +212,14 @@ def generate_until(lm, requests, batch_size: int, fallback) -> list[str]:
             for i, text in zip(members, fallback([requests[i] for i in members])):
                 results[i] = text
             continue
+        until, max_gen_toks = settings
         order = sorted(members, key=lambda i: (-len(lm.tok_encode(requests[i].args[0])), requests[i].args[0]))
+        rows: list[list[int]] = []
+        for b in range(0, len(order), encode_batch_size):
+            rows += encode_rows(lm, [requests[i].args[0] for i in order[b:b + encode_batch_size]], max_gen_toks)
         for b in range(0, len(order), batch_size):
             batch = order[b:b + batch_size]
-            contexts = [requests[i].args[0] for i in batch]
-            for i, context, text in zip(batch, contexts, generate_batch(lm, contexts, *settings)):
+            for i, text in zip(batch, generate_rows(lm, rows[b:b + batch_size], until, max_gen_toks)):
                 results[i] = text
-                lm.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                lm.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), text)
     return results

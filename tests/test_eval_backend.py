@@ -181,3 +181,79 @@ def test_generation_falls_back_to_hflm_when_it_cannot_match(tiny, monkeypatch):
     monkeypatch.setattr(HFLM, "generate_until", lambda self, reqs, disable_tqdm=False: calls.append(len(reqs)) or ["x"] * len(reqs))
     assert tr.generate_until(_gen_requests(["a", "b", "c"], {"until": ["\n"], "max_gen_toks": 8})) == ["x"] * 3
     assert calls == [3]
+
+
+def test_one_token_continuations_run_without_a_mask_and_equal_hflm(tiny, monkeypatch):
+    """MMLU's requests (one-token answers after a shared context): plain causal rows, no 4D mask, right padding
+    that no real token sees; the log-likelihoods and is_greedy flags are HFLM's."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from trlm.eval.backend import TrlmLM
+
+    model, tok = tiny
+    letters = [tok.encode(x) for x in (" A", " B", " C", " D")]
+    assert all(len(x) == 1 for x in letters)
+    reqs = []
+    for i in range(7):  # contexts of different lengths, so batches are padded
+        ctx = tok.encode(f"Question {i}:" + " and then" * (i * 5 % 13) + "\nAnswer:")
+        reqs += [(("q", "x"), ctx, x) for x in letters]
+    with torch.no_grad():
+        greedy = model(torch.tensor([reqs[0][1]])).logits[0, -1].argmax().item()
+    reqs.append((("q", "x"), reqs[0][1], [greedy]))  # one greedy answer
+    seen = []
+    backbone = model.model
+    original = type(backbone).forward
+    monkeypatch.setattr(type(backbone), "forward", lambda self, *a, **k: seen.append(k.get("attention_mask")) or original(self, *a, **k))
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=64)
+    tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=64)
+    with torch.no_grad():
+        a = hf._loglikelihood_tokens(reqs, disable_tqdm=True)
+        seen.clear()
+        b = tr._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert seen and all(m is None for m in seen)  # the mask-free path ran
+    assert any(g for _, g in a)
+    for x, y in zip(a, b, strict=True):
+        assert abs(x[0] - y[0]) <= TOL and x[1] == y[1], (x, y)
+
+
+def test_generations_do_not_depend_on_the_decode_batch(tiny):
+    """Prompts are prefilled one by one (unpadded) and decoded `gen_batch_size` rows at a time, whatever HFLM's
+    batch: HFLM's texts at every decode batch size, rows finishing at different steps."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from trlm.eval.backend import TrlmLM
+
+    model, tok = tiny
+    contexts = [f"Case {i}:" + " go on" * (i * 7 % 19) for i in range(9)]
+    kwargs = {"until": [], "max_gen_toks": 16, "do_sample": False}
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64)
+    with torch.no_grad():
+        free = hf.generate_until(_gen_requests(contexts, kwargs), disable_tqdm=True)
+        stops = sorted({t[len(t) // 3:len(t) // 3 + 2] for t in free if len(t) > 6})[:3]
+        kwargs["until"] = stops
+        want = hf.generate_until(_gen_requests(contexts, kwargs), disable_tqdm=True)
+        for gen_batch_size in (1, 3, 16):
+            tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64, gen_batch_size=gen_batch_size)
+            assert tr.generate_until(_gen_requests(contexts, kwargs), disable_tqdm=True) == want, gen_batch_size
+    assert sum(w != f for w, f in zip(want, free)) >= 2  # some rows stopped early
+
+
+def test_buffer_cache_layer_equals_concatenation():
+    import torch
+
+    from trlm.eval.generate import _buffer_layer_class
+
+    torch.manual_seed(0)
+    k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    buf_k, buf_v = torch.zeros(3, 2, 7, 4), torch.zeros(3, 2, 7, 4)
+    buf_k[:, :, :5], buf_v[:, :, :5] = k, v
+    layer = _buffer_layer_class()(buf_k, buf_v, 5)
+    for step in range(4):  # the fourth step outgrows the buffer
+        nk, nv = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+        k, v = torch.cat([k, nk], dim=-2), torch.cat([v, nv], dim=-2)
+        got_k, got_v = layer.update(nk, nv)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v) and layer.get_seq_length() == 5 + step + 1
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, k[[2, 0]]) and torch.equal(layer.values, v[[2, 0]])
