@@ -25,10 +25,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from trlm.artifacts import mask_secrets, remove_leftovers
 from trlm.process_setup import mask_output
+from trlm.flows.heartbeats import HEARTBEAT_FREQUENCY_S, close_runs_of_ended_flow_runs, ensure_zombie_automation
 from trlm.flows.launch import launch_command, launch_env, launch_plan, run_stage_process
 from trlm.flows.publish import publish
 from trlm.runs.lineage import base_fingerprint, code_version, compute_key, short_hash, stage_config, stage_inputs
@@ -149,6 +150,21 @@ def _model_registry(recipe: Recipe, tracker: Tracker, stage: Stage, pipeline_: t
     return None
 
 
+def _watch_heartbeats(logger) -> None:
+    """A deployment run: make sure its server crashes flow runs whose heartbeats stop (`flows/heartbeats.py`)."""
+    from prefect.settings import get_current_settings
+
+    frequency = get_current_settings().flows.heartbeat_frequency
+    if frequency is None or frequency > HEARTBEAT_FREQUENCY_S:
+        logger.warning("PREFECT_FLOWS_HEARTBEAT_FREQUENCY is %s, not %d as prefect.yaml's work pool sets: a run this worker "
+                       "executes may be marked CRASHED between two heartbeats", frequency, HEARTBEAT_FREQUENCY_S)
+    try:
+        if ensure_zombie_automation():
+            logger.info("created the Prefect automation that marks flow runs CRASHED when their heartbeats stop")
+    except Exception as exc:  # noqa: BLE001 - housekeeping: the run goes on
+        logger.warning("could not create the zombie flow-run automation: %s", mask_secrets(str(exc)))
+
+
 def selected_stages(names: list[str], only: str | None, from_stage: str | None) -> list[str]:
     if only and from_stage:
         raise ValueError("give --only or --from, not both")
@@ -196,6 +212,10 @@ def pipeline(
         logger.info("removed %s, left behind by a killed process", leftover)
     for run_id in close_abandoned_runs(tracker):
         logger.warning("MLflow run %s was left RUNNING by a process that died: marked KILLED", run_id)
+    for run_id, state in close_runs_of_ended_flow_runs(tracker):
+        logger.warning("MLflow run %s was left RUNNING by a flow run that ended %s (a worker or machine died): marked KILLED", run_id, state)
+    if deployment.id:
+        _watch_heartbeats(logger)
     try:
         done = {p.stage: p for p in plan(r, tracker, pipeline_)}
         base = base_model_task(ref)

@@ -115,7 +115,7 @@ def prefect_env(tmp_path_factory):
 def _work_dir_server_settings_do_not_leak():
     """`trlm` commands invoked in-process point this process at their work dir's servers through
     the environment (as they must, before Prefect is imported): undo that after each test."""
-    keys = ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "MLFLOW_TRACKING_URI")
+    keys = ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "MLFLOW_TRACKING_URI", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
     saved = {k: os.environ.get(k) for k in keys}
     yield
     for k, v in saved.items():

@@ -197,6 +197,9 @@ def use_work_dir_servers(work_dir: Path) -> None:
         _applied["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"] = url
     # Prefect gives its temporary server 20 s to start, which a loaded 2-core machine can miss.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # `trlm serve`'s deployment runs beat as often as prefect.yaml's (flows/heartbeats.py): a server's
+    # zombie automation crashes a deployment run of this pipeline after 3 missed heartbeats of 30 s.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     if not any(v in os.environ for v in _DB_VARS):  # its folder is made when a flow starts (`trlm run`)
         os.environ[_DB_VARS[0]] = prefect_database_url(work_dir)
 
