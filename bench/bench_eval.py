@@ -66,7 +66,8 @@ def run_part(model, tok, name: str, task: str, profile: str, sample: int | None,
     docs, rows = {}, {}
     for backend in BACKENDS:
         cfg = EvalConfig(profile=profile, tasks=[task] if task else EvalConfig().tasks, sample=sample, batch_size=args.batch,
-                         num_threads=args.threads, backend=backend, gen_batch_size=args.gen_batch)
+                         num_threads=args.threads, backend=backend,
+                         **({"gen_batch_size": args.gen_batch} if args.gen_batch else {}))
         shared.clear()  # each side cold, as one model alone: nothing built by the other side is reused
         trlm_backend._ENCODINGS.clear()
         t0 = time.time()
@@ -91,16 +92,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1 on a shared CPU)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tasks", help="slice: only these tasks (comma-separated), e.g. gsm8k,ifeval")
-    ap.add_argument("--gen-batch", type=int, help="trlm side: rows per decode batch (default: --batch, as HFLM)")
+    ap.add_argument("--gen-batch", type=int, help="trlm side: rows per decode batch (default: eval.gen_batch_size's default)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trlm.eval.config import EvalConfig
+
     path = base_model_dir()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
     work = scratch_dir("bench-eval-")
-    print(f"machine: {machine()}; model {path}; batch {args.batch}; gen batch (trlm) {args.gen_batch or args.batch}; "
+    print(f"machine: {machine()}; model {path}; batch {args.batch}; gen batch (trlm) {args.gen_batch or EvalConfig().gen_batch_size}; "
           f"threads {args.threads}; load {os.getloadavg()}", flush=True)
     rows: list[dict] = []
     if args.only in (None, "smoke"):
