@@ -19,6 +19,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Under pytest-xdist (the README's command: 2 workers on 2 cores) one intra-op thread per worker and
+# per process it starts: two workers at 2 threads each oversubscribe the cores, and OpenMP's spinning
+# threads then slow both far more than halving their threads does.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TRLM_DATA_ROOT", REPO_ROOT.parent / "shared" / "data")).resolve()

@@ -5,11 +5,10 @@ What a user relies on: a manual run with `only` / `from_stage` runs the right st
 rest cached; the nightly cron has its next runs scheduled; a schedule that fires within a minute is
 executed by the worker; a cancelled run stops its stage and the next run resumes the stage's run.
 
-The stores: SQLite (Prefect's database, the recipe's MLflow store in the work dir), and PostgreSQL
-for both, as a shared deployment runs them (the Prefect server on asyncpg, the pipeline's MLflow
-client straight on the database). On PostgreSQL only the deployment runs and the schedules (about
-8 minutes on a loaded 2-core machine), to keep the suite's time: the two-runs and cancel tests run
-on SQLite.
+The stores here: SQLite (Prefect's database, the recipe's MLflow store in the work dir). The same
+deployments on PostgreSQL (the Prefect server on asyncpg, the MLflow server's store on the database),
+the pipeline and a manual `only=dpo` run included, are tests/test_two_workers.py's `postgres` half:
+running them here again cost the suite about 8 minutes for no path that test does not take.
 """
 
 from __future__ import annotations
@@ -59,27 +58,17 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-BOTH_STORES = pytest.mark.parametrize("service", ["sqlite", "postgres"], indirect=True)
-SQLITE = pytest.mark.parametrize("service", ["sqlite"], indirect=True)
-
-
 @pytest.fixture(scope="module")
-def service(request, tmp_path_factory, tiny_model_dir, shared_data):
+def service(tmp_path_factory, tiny_model_dir, shared_data):
     """Prefect server + work pool + deployments from prefect.yaml + one worker, all on loopback;
-    Prefect's database and the recipe's MLflow store both SQLite, or both PostgreSQL."""
-    store = request.param
-    root = tmp_path_factory.mktemp(f"service-{store}")
+    Prefect's database and the recipe's MLflow store both SQLite."""
+    root = tmp_path_factory.mktemp("service")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_API_PORT": str(port), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5", "TRLM_SRC_DIR": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    tracking_uri = None
-    if store == "postgres":
-        pg = request.getfixturevalue("postgres")
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = pg.url(pg.database("prefect"), "asyncpg")
-        tracking_uri = pg.url(pg.database("mlflow"))
     logs = root / "logs"
     logs.mkdir()
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -88,8 +77,6 @@ def service(request, tmp_path_factory, tiny_model_dir, shared_data):
     try:
         _wait_for(f"{api}/health", 120)
         recipe = write_tiny_recipe(root, tiny_model_dir, shared_data)
-        if tracking_uri:
-            recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "tracking_uri": tracking_uri}, sort_keys=False))
         deployments = _deployments_file(root, recipe)
         for cmd in (["work-pool", "create", POOL, "--type", "process"], ["deploy", "--all", "--no-prompt", "--prefect-file", str(deployments)]):
             done = subprocess.run([sys.executable, "-m", "prefect", *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
@@ -141,7 +128,6 @@ def _count(runs, stage: str) -> int:
     return sum(1 for r in runs if r.data.tags.get("trlm.stage") == stage)
 
 
-@BOTH_STORES
 def test_the_worker_runs_the_manual_deployment_with_stage_parameters(service):
     first = _run("trlm-manual", {})
     assert first.state.is_completed(), first.state
@@ -159,7 +145,6 @@ def test_the_worker_runs_the_manual_deployment_with_stage_parameters(service):
     assert (_count(last, "sft-think"), _count(last, "dpo"), _count(last, "eval")) == (1, 2, 2), "sft-think and dpo cached, eval reran"
 
 
-@SQLITE
 def test_two_runs_started_together_do_not_clobber_each_other(service):
     """Both runs finish; the stage they share runs once (the other finds it cached) and is complete."""
     import asyncio
@@ -191,7 +176,6 @@ def test_two_runs_started_together_do_not_clobber_each_other(service):
     assert verify_fingerprint(tracker.local_artifact_dir(max(dpo, key=lambda r: r.info.start_time)) / "output")
 
 
-@BOTH_STORES
 def test_schedules_are_created_and_one_fires_on_the_worker(service):
     import asyncio
 
@@ -221,7 +205,6 @@ def test_schedules_are_created_and_one_fires_on_the_worker(service):
     assert fired, f"no scheduled run completed on the worker; see {service['logs']}"
 
 
-@SQLITE
 def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_it(service):
     import asyncio
 
