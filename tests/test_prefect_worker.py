@@ -212,7 +212,8 @@ def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_it(service):
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
-    slow = {"only": "sft-general", "overrides": ["sft_general.train.max_steps=200", "sft_general.train.save_steps=5"]}
+    steps = 100  # the cancel lands within seconds of the first checkpoint (step 5), far before the last step
+    slow = {"only": "sft-general", "overrides": [f"sft_general.train.max_steps={steps}", "sft_general.train.save_steps=5"]}
     flow_run = run_deployment("trlm-pipeline/trlm-manual", parameters=slow, timeout=0)
     artifacts = Path(yaml.safe_load(service["recipe"].read_text())["work_dir"]) / "mlartifacts"
     deadline = time.time() + 300
@@ -243,7 +244,7 @@ def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_it(service):
     checkpoints = complete_checkpoints(run_dir)
     assert checkpoints, f"no complete checkpoint in {run_dir}: {sorted(p.name for p in (run_dir / 'checkpoints').glob('*'))}"
     newest = int(checkpoints[-1].name.removeprefix("step-"))
-    assert 0 < newest < 200 and newest % 5 == 0
+    assert 0 < newest < steps and newest % 5 == 0
 
     again = _run("trlm-manual", slow, timeout_s=900)
     assert again.state.is_completed(), again.state
@@ -252,4 +253,4 @@ def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_it(service):
     assert resumed is not None, "the next run resumed the interrupted stage run"
     assert resumed.data.tags["trlm.resumed_from_step"] == str(newest), "training restarted from the newest checkpoint, not from step 0"
     client = tracker.client
-    assert sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "loss")) == list(range(1, 201)), "each step logged once"
+    assert sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "loss")) == list(range(1, steps + 1)), "each step logged once"

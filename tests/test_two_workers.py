@@ -22,7 +22,7 @@ output was staged: `$TRLM_HOME/staging/<run_id>` exists only on the worker that 
    stage's MLflow run is marked KILLED by B's run, through the Prefect server (A's process cannot be
    checked from "another machine"), and the new one is FINISHED.
 
-Cost: both scenarios share one set of servers and workers per store (SQLite: Prefect's database and
+Cost: both scenarios share one set of servers and workers per store (a test class per store) (SQLite: Prefect's database and
 MLflow's store in files; PostgreSQL: both on one throwaway cluster). The second test runs after the
 first on the same servers: it needs the first's upstream stages and the automation its first
 deployment run created. The kill waits only for the stage's MLflow run to be RUNNING (not for a
@@ -64,9 +64,9 @@ def _separate_hosts() -> bool:
     return subprocess.run(["unshare", "--uts", "hostname", "trlm-probe"], capture_output=True, timeout=10).returncode == 0
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="class")
 def cluster(request, tmp_path_factory, tiny_model_dir, shared_data):
-    store = request.param
+    store = request.cls.store
     t0 = time.monotonic()
     root = tmp_path_factory.mktemp(f"two-workers-{store}")
     port = free_port()
@@ -249,7 +249,28 @@ def _status(home: Path, cluster, monkeypatch) -> list[dict]:
     return json.loads(result.stdout)["stages"]
 
 
-def test_each_stage_runs_once_on_one_worker_and_the_other_fetches_it(cluster, observer, monkeypatch):
+class _BothScenarios:
+    """Both scenarios on one set of servers; a class per store, so that pytest-xdist (`--dist loadscope`)
+    can run the two stores on its two workers at once."""
+
+    store: str
+
+    def test_each_stage_runs_once_on_one_worker_and_the_other_fetches_it(self, cluster, observer, monkeypatch):
+        scenario_one(cluster, observer, monkeypatch)
+
+    def test_a_worker_killed_mid_stage_crashes_its_run_and_the_other_finishes_it(self, cluster, observer):
+        scenario_two(cluster, observer)
+
+
+class TestOnSQLite(_BothScenarios):
+    store = "sqlite"
+
+
+class TestOnPostgreSQL(_BothScenarios):
+    store = "postgres"
+
+
+def scenario_one(cluster, observer, monkeypatch):
     t0 = time.monotonic()
     a, b = WORKERS
     full = _finish(_start_on(cluster, a, {}))
@@ -296,7 +317,7 @@ def test_each_stage_runs_once_on_one_worker_and_the_other_fetches_it(cluster, ob
     print(f"[{cluster.store}] scenario 1 (pipeline on A, only=dpo on B, status x3): {time.monotonic() - t0:.0f} s")
 
 
-def test_a_worker_killed_mid_stage_crashes_its_run_and_the_other_finishes_it(cluster, observer):
+def scenario_two(cluster, observer):
     t0 = time.monotonic()
     a, b = WORKERS
     # After the first test (same servers): its upstream stages are done, its first run created the automation.
