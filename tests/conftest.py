@@ -143,4 +143,4 @@ LONGEST_FIRST = ("test_two_workers", "test_prefect_worker", "test_cli_monitoring
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-        items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable: file order otherwise
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order otherwise
