@@ -19,9 +19,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Under pytest-xdist (the README's command: 2 workers on 2 cores) one intra-op thread per worker and
-# per process it starts: two workers at 2 threads each oversubscribe the cores, and OpenMP's spinning
-# threads then slow both far more than halving their threads does.
+# Under pytest-xdist (the README's command: 3 workers on 2 cores, so that a worker whose test waits on
+# its servers leaves no core idle) one intra-op thread per worker and per process it starts: several
+# threads per worker oversubscribe the cores, and OpenMP's spinning threads then slow every worker.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -130,9 +130,9 @@ def _work_dir_server_settings_do_not_leak():
             os.environ[k] = v
 
 
-# The README's command runs the files on two pytest-xdist workers (`--dist loadscope`: a module, or a
+# The README's command runs the files on pytest-xdist workers (`--dist loadscope`: a module, or a
 # test class, stays on one worker with its fixtures; `--no-loadscope-reorder`: in this order). The
-# longest go first, so that no long one starts last while the other worker has nothing left to do.
+# longest go first, so that no long one starts last while the other workers have nothing left to do.
 # Measured on the 2-core machine (2026-12-03, two workers): each test_two_workers class about 4.5 min,
 # test_prefect_worker about 8, then the other service, distributed and real-model tests.
 LONGEST_FIRST = ("test_two_workers", "test_prefect_worker", "test_cli_monitoring", "test_shared_servers", "test_distributed",

@@ -7,8 +7,9 @@ machine B runs the rest, finding A's stages through the server and downloading e
 artifact once. `trlm status` says the same on either machine. A 200 MB upload streams: the
 uploading process's memory grows by a small fraction of the file.
 
-The hand-off through a directory runs with the server's store on SQLite (one server process) and on
-PostgreSQL (two processes, as a shared server runs it); the S3 tests on SQLite.
+The server's store is SQLite here. The same hand-off on PostgreSQL, with two server processes as a
+shared server runs it, is tests/test_two_workers.py's `TestOnPostgreSQL`: the pipeline on one worker,
+a stage on the other, every upstream output downloaded once and verified, `trlm status` equal everywhere.
 """
 
 from __future__ import annotations
@@ -33,16 +34,12 @@ from trlm.stages.registry import stage_names
 STAGES = stage_names()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def dir_store(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def dir_store(tmp_path_factory):
     """An MLflow server whose artifact destination is a local directory (the server's own, not a
-    worker's), its store SQLite, or PostgreSQL with two server processes."""
-    root = tmp_path_factory.mktemp(f"dir-store-{request.param}")
-    options = {}
-    if request.param == "postgres":
-        pg = request.getfixturevalue("postgres")
-        options = {"backend": pg.url(pg.database("mlflow")), "workers": 2}
-    server = mlflow_server(root, str(root / "artifacts"), **options)
+    worker's), its store SQLite."""
+    root = tmp_path_factory.mktemp("dir-store")
+    server = mlflow_server(root, str(root / "artifacts"))
     try:
         yield server.start(timeout=150)
     finally:

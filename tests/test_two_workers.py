@@ -1,7 +1,7 @@
 """Two workers on the shared servers, as in production, on 127.0.0.1 with the tiny recipe.
 
 One Prefect server, one MLflow server with served artifacts (its destination a directory of its
-own), the deployments of `prefect.yaml` on one process pool, and two workers (`--limit 1`) that poll
+own; on PostgreSQL two server processes), the deployments of `prefect.yaml` on one process pool, and two workers (`--limit 1`) that poll
 it, each with its own empty TRLM_HOME and, where `unshare --uts` works (root), its own host name
 (`worker-a`, `worker-b`): to MLflow's owner tags they are two machines, as in production, so a dead
 worker's runs cannot be recognised by process id on the other. They share nothing but the URLs.
@@ -81,7 +81,8 @@ def cluster(request, tmp_path_factory, tiny_model_dir, shared_data):
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = pg.url(pg.database("prefect"), "asyncpg")
         backend = pg.url(pg.database("mlflow"))
     logs = root / "logs"
-    mlflow = mlflow_server(root / "mlflow", str(root / "mlflow" / "artifacts"), backend=backend)
+    # on PostgreSQL with two server processes, as a shared server runs it (SQLite: one writer, one process)
+    mlflow = mlflow_server(root / "mlflow", str(root / "mlflow" / "artifacts"), backend=backend, workers=2 if backend else 1)
     prefect = Server("prefect server", [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK, "--port", str(port)],
                      env, port, logs / "prefect-server.log", health="/api/health")
     workers: dict[str, subprocess.Popen] = {}
