@@ -133,8 +133,9 @@ def _work_dir_server_settings_do_not_leak():
 # The README's command runs the files on pytest-xdist workers (`--dist loadscope`: a module, or a
 # test class, stays on one worker with its fixtures; `--no-loadscope-reorder`: in this order). The
 # longest go first, so that no long one starts last while the other workers have nothing left to do.
-# Measured on the 2-core machine (2026-12-03, two workers): each test_two_workers class about 4.5 min,
-# test_prefect_worker about 8, then the other service, distributed and real-model tests.
+# The order was measured on the 2-core machine with two xdist workers (2026-12-03; the command now runs
+# three): each test_two_workers class about 4.5 min, test_prefect_worker about 8, then the other
+# service, distributed and real-model tests.
 LONGEST_FIRST = ("test_two_workers", "test_prefect_worker", "test_cli_monitoring", "test_shared_servers", "test_distributed",
                  "test_pipeline", "test_grpo_learning", "test_eval_backend", "test_distributed_accum", "test_postgres_store",
                  "test_grpo_distributed", "test_eval_harness")

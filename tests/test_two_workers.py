@@ -22,8 +22,9 @@ output was staged: `$TRLM_HOME/staging/<run_id>` exists only on the worker that 
    stage's MLflow run is marked KILLED by B's run, through the Prefect server (A's process cannot be
    checked from "another machine"), and the new one is FINISHED.
 
-Cost: both scenarios share one set of servers and workers per store (a test class per store) (SQLite: Prefect's database and
-MLflow's store in files; PostgreSQL: both on one throwaway cluster). The second test runs after the
+Cost: both scenarios share one set of servers and workers per store; each store is a test class, so
+pytest-xdist runs the two stores at once (SQLite: Prefect's database and MLflow's store in files;
+PostgreSQL: both on one throwaway cluster). The second test runs after the
 first on the same servers: it needs the first's upstream stages and the automation its first
 deployment run created. The kill waits only for the stage's MLflow run to be RUNNING (not for a
 training step, which a fast machine could finish before the next poll); Prefect's server then
@@ -252,7 +253,7 @@ def _status(home: Path, cluster, monkeypatch) -> list[dict]:
 
 class _BothScenarios:
     """Both scenarios on one set of servers; a class per store, so that pytest-xdist (`--dist loadscope`)
-    can run the two stores on its two workers at once."""
+    can run the two stores on two of its workers at once."""
 
     store: str
 
