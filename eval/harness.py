@@ -40,7 +40,8 @@ from trlm.eval.punkt import AFFECTED_IFEVAL_INSTRUCTIONS, ensure_punkt_tab
 from trlm.eval.quiet import no_git_probe, quiet
 from trlm.eval.results import baselines, full_split_majority, ifeval_inst_stderr, ifeval_instruction_counts, metric_table, pool_baselines, task_record
 from trlm.eval.shared import share_requests, shared_task
-from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS, first_items, indices_digest, leaf_tasks, task_manager
+from trlm.eval.task_index import task_manager
+from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS, first_items, indices_digest, leaf_tasks
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def evaluate(
                    bootstrap_iters=100 if cfg.profile == "smoke" else 100000, notes=notes,
                    seeds={"random_seed": cfg.seed, "numpy_random_seed": cfg.seed, "torch_random_seed": cfg.seed, "fewshot_random_seed": cfg.seed})
         with offline_datasets(mirror), quiet(progress), no_git_probe(), torch.no_grad():
-            run.tm = task_manager()
+            run.tm = task_manager(tasks)
             task_settings = {name: _evaluate_task(run, name) for name in tasks}
 
     samples_path = work_dir / "eval-samples" / f"{model_fingerprint.replace('/', '_').replace(':', '_')[:40]}-{cfg.profile}.jsonl"

@@ -33,7 +33,6 @@ from typing import Any
 from trlm.eval.mirror import BENCHMARKS, mirrored_splits
 
 log = logging.getLogger(__name__)
-_TASK_MANAGER = None
 
 # Smoke profile: a fixed, seeded subset, sized so that one 135M model's smoke evaluation of all 8
 # tasks stays near 2 minutes on a 2-core CPU (cost model from measured speeds: forward ~440 tokens/s,
@@ -150,16 +149,6 @@ def split_overrides_for(task_manager, name: str, data_root: Path) -> dict[str, l
 # --- loading ------------------------------------------------------------------------------------
 
 
-def task_manager():
-    """One lm-eval TaskManager per process: indexing the built-in YAMLs takes several seconds."""
-    global _TASK_MANAGER
-    if _TASK_MANAGER is None:
-        from lm_eval.tasks import TaskManager
-
-        _TASK_MANAGER = TaskManager()
-    return _TASK_MANAGER
-
-
 def leaf_tasks(obj) -> list:
     from lm_eval.api.group import Group
 
@@ -257,30 +246,3 @@ def load_task(task_manager, name: str, *, data_root: Path, profile: str, limit: 
             f"{unit}; the item indices are recorded in settings"
         )
     return obj, plan, samples
-
-
-def known_task_names(cache_dir: Path | None = None) -> set[str]:
-    """Every task, group and tag name lm-eval knows, cached per lm-eval version under `cache_dir`
-    (default: the user's cache folder, `$XDG_CACHE_HOME/trlm` or `~/.cache/trlm`).
-
-    lm-eval's TaskManager indexes thousands of YAMLs (about 5 s here); the list only changes with
-    the installed lm-eval, so a recipe's task names are checked before any compute for that cost once."""
-    import importlib.metadata
-
-    from trlm.artifacts import atomic_write_text
-
-    import os
-
-    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trlm"
-    cache = Path(cache_dir) / f"lm-eval-{importlib.metadata.version('lm_eval')}-tasks.json"
-    if cache.is_file():
-        try:
-            return set(json.loads(cache.read_text()))
-        except ValueError:
-            pass  # a damaged cache is rebuilt
-    from lm_eval.tasks import TaskManager
-
-    names = sorted(TaskManager().all_tasks)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cache, json.dumps(names))
-    return set(names)

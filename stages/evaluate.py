@@ -38,7 +38,7 @@ from trlm.eval.config import EvalConfig
 from trlm.eval.harness import evaluate_checkpoint
 from trlm.eval.render import write_report
 from trlm.eval.report import headline_metrics
-from trlm.eval.tasks import known_task_names
+from trlm.eval.task_index import known_task_names
 from trlm.recipe import RecipeError, output_config
 from trlm.stage import MODEL, Stage, StageContext
 

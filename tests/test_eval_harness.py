@@ -153,7 +153,7 @@ def test_evaluate_checkpoint_reads_or_computes_the_fingerprint(tiny_model_dir, s
 
 def test_limit_is_lm_evals_first_n_and_sample_a_seeded_subset(shared_data, tmp_path):
     """`limit` N = lm-eval's `--limit N` (the first N items); `sample` N = a seeded subset. No model runs."""
-    from trlm.eval.tasks import task_manager
+    from trlm.eval.task_index import task_manager
     from trlm.eval.mirror import build_mirror, offline_datasets
     from trlm.eval.tasks import TaskPlanError, choose_items, load_task
 

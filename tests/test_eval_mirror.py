@@ -63,7 +63,7 @@ def test_each_benchmark_loads_offline_by_hub_id(mirror, hub_id, config, splits, 
 
 
 def test_standard_lm_eval_tasks_resolve_to_the_mirror(mirror, shared_data):
-    from trlm.eval.tasks import task_manager
+    from trlm.eval.task_index import task_manager
     from trlm.eval.tasks import load_task
 
     tm = task_manager()

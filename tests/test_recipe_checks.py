@@ -45,7 +45,7 @@ def test_unknown_eval_tasks_are_refused_at_validation(shared_data, monkeypatch, 
     with pytest.raises(RecipeError, match=r"eval.tasks: 'arc_chalenge' is not an lm-eval task.*did you mean 'arc_challenge'"):
         load_recipe(overrides=["eval.tasks=[arc_easy, arc_chalenge]"])
     assert load_recipe(overrides=["eval.tasks=[arc_easy, bbh]"]).eval.tasks == ["arc_easy", "bbh"]
-    assert list((tmp_path / "trlm").glob("lm-eval-*-tasks.json")), "the task list is cached per lm-eval version"
+    assert list((tmp_path / "trlm").glob("lm-eval-*-task-folders.json")), "the task list is cached per lm-eval version"
 
 
 def test_limit_and_sample_are_exclusive(shared_data, monkeypatch):
