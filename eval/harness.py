@@ -37,7 +37,7 @@ from typing import Any
 from trlm.eval.config import EvalConfig
 from trlm.eval.mirror import build_mirror, offline_datasets
 from trlm.eval.punkt import AFFECTED_IFEVAL_INSTRUCTIONS, ensure_punkt_tab
-from trlm.eval.quiet import no_git_probe, quiet
+from trlm.eval.quiet import env_info_once, no_git_probe, quiet
 from trlm.eval.results import baselines, full_split_majority, ifeval_inst_stderr, ifeval_instruction_counts, metric_table, pool_baselines, task_record
 from trlm.eval.shared import share_requests, shared_task
 from trlm.eval.task_index import task_manager
@@ -296,7 +296,7 @@ def evaluate(
         run = _Run(lm=lm, tm=None, cfg=cfg, data_root=data_root, sample=getattr(cfg, "sample", None), gen_kwargs=gen_kwargs,
                    bootstrap_iters=100 if cfg.profile == "smoke" else 100000, notes=notes,
                    seeds={"random_seed": cfg.seed, "numpy_random_seed": cfg.seed, "torch_random_seed": cfg.seed, "fewshot_random_seed": cfg.seed})
-        with offline_datasets(mirror), quiet(progress), no_git_probe(), torch.no_grad():
+        with offline_datasets(mirror), quiet(progress), no_git_probe(), env_info_once(), torch.no_grad():
             run.tm = task_manager(tasks)
             task_settings = {name: _evaluate_task(run, name) for name in tasks}
 

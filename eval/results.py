@@ -46,15 +46,22 @@ def _mean_stderr(values: list[float]) -> float | None:
 
 
 def full_split_majority(task) -> tuple[str, float] | None:
-    """The most frequent gold target over the task's whole evaluated split, and its share there."""
+    """The most frequent gold target over the task's whole evaluated split, and its share there.
+
+    Kept on the task object, which the eval stage shares between its models (eval/shared.py): rendering
+    every target of a split takes seconds (BoolQ's 3,270), and it does not depend on the model."""
+    if "_trlm_full_split_majority" in vars(task):
+        return task._trlm_full_split_majority
     try:
         targets = [str(task.doc_to_target(doc)) for doc in task.eval_docs]
     except Exception:  # pragma: no cover - a task whose targets cannot be rendered without a model
-        return None
-    if not targets:
-        return None
-    label, count = Counter(targets).most_common(1)[0]
-    return label, count / len(targets)
+        targets = []
+    found = None
+    if targets:
+        label, count = Counter(targets).most_common(1)[0]
+        found = (label, count / len(targets))
+    task._trlm_full_split_majority = found
+    return found
 
 
 def baselines(samples: list[dict[str, Any]], output_type: str, majority_label: str | None) -> dict[str, Any]:

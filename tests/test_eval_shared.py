@@ -35,8 +35,25 @@ def test_tasks_and_requests_are_built_once_per_tokenizer(tiny_model_dir, shared_
     def run(tokenizer, name):
         return evaluate(model, tokenizer, cfg, data_root=shared_data, work_dir=tmp_path / name, model_fingerprint=name, progress=False)
 
-    first, second = run(tok, "model-a"), run(tok, "model-b")  # two models of one stage, same tokenizer
+    import torch.utils.collect_env as collect_env
+
+    from trlm.eval import quiet
+
+    getattr(quiet, "_ENV_INFO", []).clear()
+    env_reports, targets = [], []
+    from lm_eval.api.task import ConfigurableTask
+
+    real_env, real_target = collect_env.get_pretty_env_info, ConfigurableTask.doc_to_target
+    monkeypatch.setattr(collect_env, "get_pretty_env_info", lambda: env_reports.append(1) or real_env())
+    monkeypatch.setattr(ConfigurableTask, "doc_to_target", lambda self, doc, *a, **kw: targets.append(1) or real_target(self, doc, *a, **kw))
+
+    first = run(tok, "model-a")
+    arc_docs = len(shared.shared_task(None, "arc_easy", data_root=shared_data, profile="smoke", limit=None, sample=None, seed=cfg.seed)[0].eval_docs)
+    assert len(targets) >= arc_docs  # the majority-class baseline renders every target of the split
+    targets.clear()
+    second = run(tok, "model-b")  # two models of one stage, same tokenizer
     assert loads == ["arc_easy", "gsm8k"] and builds == ["arc_easy", "gsm8k"]
+    assert len(targets) < arc_docs, "the split's majority class is computed once per process, not per model"
     think = run(thinking, "model-think")
     assert loads == ["arc_easy", "gsm8k"] and builds == ["arc_easy", "gsm8k"] * 2  # new tokenizer: built again
     shared.clear()
@@ -45,3 +62,4 @@ def test_tasks_and_requests_are_built_once_per_tokenizer(tiny_model_dir, shared_
     for doc in (second, think, cold):
         assert doc["results"] == first["results"] and doc["baselines"] == first["baselines"]
     assert _arguments(second) == _arguments(first) == _arguments(cold)  # the same prompts and responses
+    assert len(env_reports) == 1, "torch's environment report (lm-eval's add_env_info) is built once per process"
