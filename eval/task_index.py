@@ -55,8 +55,8 @@ def task_folders(cache_dir: Path | None = None) -> dict[str, dict]:
             index = json.loads(cache.read_text())
             if isinstance(index, dict) and set(index) == {"yamls", "tags"}:
                 return index
-        except ValueError:
-            pass  # a damaged cache is rebuilt
+        except ValueError as err:
+            log.warning("rebuilding the damaged lm-eval task cache %s (%s)", cache, err)
     tm = task_manager()
     root = _tasks_root()
     entries = {name: tm.task_index[name] for name in sorted(tm.all_tasks)}

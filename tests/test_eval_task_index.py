@@ -49,12 +49,12 @@ def test_members_in_other_folders_add_their_folders(cache):
     full = task_manager(None)
     # openllm (benchmarks/) lists arc_challenge, gsm8k, mmlu... from their own folders
     openllm = task_manager(["openllm"])
-    assert openllm is not full and {"benchmarks", "arc", "gsm8k", "mmlu"} <= set(_MANAGERS_KEY(openllm))
+    assert openllm is not full and {"benchmarks", "arc", "gsm8k", "mmlu"} <= set(_key_of(openllm))
     for name in _closure(full, ["openllm"]):
         assert openllm.task_index[name] == full.task_index[name], name
     # a tag whose members lie in one folder
     arc = task_manager(["ai2_arc"])
-    assert _MANAGERS_KEY(arc) == ("arc",) and arc.task_index["ai2_arc"] == full.task_index["ai2_arc"]
+    assert _key_of(arc) == ("arc",) and arc.task_index["ai2_arc"] == full.task_index["ai2_arc"]
     # a tag whose members lie in two folders: lm-eval indexes each include_path folder on its own, and a
     # later folder's tag replaces an earlier one's (one member instead of two), so only the full index
     # holds the whole tag
@@ -72,7 +72,7 @@ def test_an_unknown_name_or_another_resolution_uses_the_full_index(cache, monkey
     assert task_manager(["arc_challenge"]) is not full
 
 
-def _MANAGERS_KEY(tm):
+def _key_of(tm):
     return next(key for key, value in _MANAGERS.items() if value is tm)
 
 
