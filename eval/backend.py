@@ -12,6 +12,10 @@ cache hooks) and changes *how* the loglikelihood requests are computed:
   sees the context and itself only (per-document attention, as DPO's shared prompt in training). The
   FLOPs are the context once plus the continuations, not the context once per choice. `batch_size`
   rows (longest first, right-padded, padding seeing only padding) go through the model together.
+* **Shared prefixes run once** (eval/prefix.py). Contexts that begin with the same tokens (the system
+  turn of every item; a subject's few-shot turns) are grouped by those tokens; the prefix goes through
+  the model once and each batch of the group starts from its keys and values. For rows that would
+  otherwise run unmasked (one-token answers, below) only a prefix that is most of the context is used.
 * **Logits only where they are scored.** The backbone's hidden states are gathered at the positions
   that predict a continuation token, and only those go through `lm_head` and `log_softmax`.
 
@@ -22,7 +26,8 @@ request cache as HFLM adds them. Numerics: float32 sums in another order than HF
 log-likelihoods agree to ~1e-6, not bitwise (tested to 1e-4 against HFLM in tests/test_eval_backend.py).
 
 Generation (`generate_until`, eval/generate.py): HFLM's prompts (its order, batches and `tok_batch_encode`),
-each prefilled alone without padding, then decoded `gen_batch_size` rows at a time (if set, else
+each prefilled alone without padding (from a shared prefix's keys and values where one is most of the
+prompt: BBH's chain-of-thought exemplars), then decoded `gen_batch_size` rows at a time (if set, else
 `batch_size`) in a preallocated KV cache; our greedy loop drops a row from the batch once it has produced
 EOS or one of lm-eval's stop strings. Texts equal HFLM's (tested item by item); what it cannot match
 (sampling, ...) goes through HFLM's code.
@@ -42,6 +47,8 @@ import json
 from collections import OrderedDict
 
 from lm_eval.models.huggingface import HFLM
+
+from trlm.eval.prefix import MIN_FRACTION_UNMASKED, cache_from_prefix, prefix_kv, shared_prefix_groups
 
 _MASKED_KERNELS = ("sdpa", "eager")
 _ENCODINGS: dict[str, OrderedDict] = {}  # tokenizer key -> (string, options) -> token ids
@@ -106,17 +113,37 @@ class TrlmLM(HFLM):
             for i, answer in zip(too_long, super()._loglikelihood_tokens([requests[i] for i in too_long], disable_tqdm=True)):
                 results[i] = answer
         rows = [(list(ctx), part) for ctx in groups for part in self._split(ctx, groups[ctx], requests)]
-        rows.sort(key=lambda r: -(len(r[0]) + sum(len(requests[i][2]) - 1 for i in r[1])))  # longest first, as HFLM
         step = max(1, int(self.batch_size)) if self.batch_size != "auto" else 1
+        # Rows whose answers are all one token run unmasked (see _score_rows): a prefix must be most of them.
+        one_token = [r for r in rows if all(len(requests[i][2]) == 1 for i in r[1])]
+        packed = [r for r in rows if not all(len(requests[i][2]) == 1 for i in r[1])]
+        for pool, min_fraction in ((packed, 0.0), (one_token, MIN_FRACTION_UNMASKED)):
+            unshared: list = []
+            for p, members in shared_prefix_groups([ctx for ctx, _ in pool], min_fraction=min_fraction):
+                if not p:
+                    unshared += [pool[m] for m in members]
+                    continue
+                kv = prefix_kv(self.model, pool[members[0]][0][:p], self.device, self._amp())  # once for the group
+                self._score_batches([pool[m] for m in members], requests, results, step, (p, kv))
+            self._score_batches(unshared, requests, results, step, None)
+        return results
+
+    def _score_batches(self, rows, requests, results, step: int, prefix) -> None:
+        """Rows longest first (as HFLM) in batches of `step`; answers into `results` and lm-eval's request cache."""
+        p = prefix[0] if prefix else 0
+        rows = sorted(rows, key=lambda r: -(len(r[0]) - p + sum(len(requests[i][2]) - 1 for i in r[1])))
         for b in range(0, len(rows), step):
             batch = rows[b:b + step]
-            answers = self._score_rows([(ctx, [requests[i][2] for i in part]) for ctx, part in batch])
+            answers = self._score_rows([(ctx, [requests[i][2] for i in part]) for ctx, part in batch], prefix)
             for (_, part), row_answers in zip(batch, answers):
                 for i, answer in zip(part, row_answers):
                     results[i] = answer
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-        return results
+
+    def _amp(self) -> dict:
+        dtype = self.mixed_precision_dtype
+        return dict(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _split(self, ctx: tuple, members: list[int], requests) -> list[list[int]]:
         """The group's requests in rows of at most `token_budget` tokens (at least one request a row)."""
@@ -132,11 +159,12 @@ class TrlmLM(HFLM):
         return parts
 
     @staticmethod
-    def _layout(ctx: list[int], conts: list[list[int]]):
+    def _layout(ctx: list[int], conts: list[list[int]], offset: int = 0):
         """One packed row: tokens, position ids, document ids (0 = context, j = continuation j), and for
-        each continuation the row positions whose logits predict its tokens."""
+        each continuation the row positions whose logits predict its tokens. `offset`: the context's first
+        `offset` tokens are a cached prefix, not in the row (positions still count them)."""
         n_ctx = len(ctx)
-        tokens, positions, doc = list(ctx), list(range(n_ctx)), [0] * n_ctx
+        tokens, positions, doc = list(ctx[offset:]), list(range(offset, n_ctx)), [0] * (n_ctx - offset)
         scored_at: list[list[int]] = []
         for j, cont in enumerate(conts, start=1):
             start = len(tokens)
@@ -144,17 +172,19 @@ class TrlmLM(HFLM):
             tokens += body
             positions += range(n_ctx, n_ctx + len(body))
             doc += [j] * len(body)
-            scored_at.append([n_ctx - 1, *range(start, start + len(body))])
+            scored_at.append([n_ctx - offset - 1, *range(start, start + len(body))])
         return tokens, positions, doc, scored_at
 
-    def _score_rows(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
+    def _score_rows(self, rows: list[tuple[list[int], list[list[int]]]], prefix=None) -> list[list[tuple[float, bool]]]:
         """(log-likelihood, is_greedy) of each continuation after its row's context, one forward pass for
-        the batch. Rows are right-padded; a padding query sees only padding (doc -1), no real one does."""
+        the batch. Rows are right-padded; a padding query sees only padding (doc -1), no real one does.
+        `prefix` = (p, keys and values): every context starts with the same p tokens, already run."""
         import torch
         import torch.nn.functional as F
 
         device, dtype = self.device, self.model.dtype
-        layouts = [self._layout(ctx, conts) for ctx, conts in rows]
+        p, kv = prefix or (0, None)
+        layouts = [self._layout(ctx, conts, p) for ctx, conts in rows]
         width = max(len(t) for t, *_ in layouts)
         ids = torch.full((len(rows), width), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -164,7 +194,7 @@ class TrlmLM(HFLM):
             n = len(tokens)
             ids[r, :n], pos[r, :n], doc[r, :n] = torch.tensor(tokens), torch.tensor(positions), torch.tensor(docs)
             flat += [r * width + q for at in scored_at for q in at]
-        if bool((doc <= 0).all()):
+        if kv is None and bool((doc <= 0).all()):
             # every continuation is one token (MMLU's letters): the rows are plain causal sequences. No mask, so
             # SDPA runs causal (the upper triangle skipped, no [T, T] mask); padding gets positions after the
             # row's last so transformers sees no packed sequences. Right padding: no real token sees it.
@@ -173,13 +203,16 @@ class TrlmLM(HFLM):
             pos = torch.where(pad, torch.arange(width).expand(len(rows), width), pos)
         else:
             # query q sees key k when k is not after q, and k is in the context or in q's own continuation
+            # (and every query sees the whole cached prefix, padding too: no query row is all masked)
             allowed = (pos[:, None, :] <= pos[:, :, None]) & ((doc[:, None, :] == 0) | (doc[:, None, :] == doc[:, :, None]))
+            if p:
+                allowed = torch.cat([allowed.new_ones(len(rows), width, p), allowed], dim=-1)
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None].to(device)
-        amp = dict(device_type=device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None)
-        with torch.no_grad(), torch.autocast(**amp):
+        cache = cache_from_prefix(self.model.config, kv, len(rows)) if kv is not None else None
+        with torch.no_grad(), torch.autocast(**self._amp()):
             backbone = getattr(self.model, self.model.base_model_prefix)
             hidden = backbone(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask,
-                              use_cache=False).last_hidden_state
+                              cache=cache, use_cache=cache is not None).last_hidden_state
             picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, dtype=torch.long, device=device))
             logits = self.model.get_output_embeddings()(picked)
         logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)

@@ -16,6 +16,8 @@ What changes (the same tokens; float sums in another order, as any change of bat
 * **Prefill one prompt at a time, unpadded.** No left padding, no mask: SDPA runs causal (the masked upper
   triangle is skipped, no [B, T, T] mask, grouped-query heads without copying K/V). The caches are then
   left-padded into one batch cache, and decoding goes on with HFLM's mask and position ids.
+* **A shared prefix once** (eval/prefix.py): prompts whose first tokens are the same, and most of the
+  prompt (BBH's exemplars of a subtask), are prefilled from the prefix's keys and values, computed once.
 * **A preallocated KV cache** (`_buffer_layer_class`): room for `max_gen_toks` more tokens, so a decode
   step writes one position instead of `torch.cat`-copying the whole cache of every layer.
 * **Finished rows leave the batch.** A row's KV cache rows are dropped as soon as it has produced EOS or a
@@ -37,6 +39,8 @@ from __future__ import annotations
 import json
 
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from trlm.eval.prefix import PrefixStore, cache_from_prefix
 
 # generation-config fields that, when set, change which token greedy decoding picks or when it stops
 _GREEDY_NEUTRAL = {
@@ -114,10 +118,11 @@ def _buffer_layer_class():
     return BufferLayer
 
 
-def _prefill(lm, rows: list[list[int]], reserve: int, amp: dict):
+def _prefill(lm, rows: list[list[int]], reserve: int, amp: dict, prefixes: list[tuple] | None = None):
     """Each prompt through the model alone, unpadded (causal attention, no mask: no FLOPs on padding or on
     the masked upper triangle), then the caches left-padded into one batch cache with `reserve` free
-    positions. Returns (cache, attention mask, position ids of the last prompt token, first new tokens)."""
+    positions. `prefixes[r]` = (p, keys and values of row r's first p tokens) or (0, None): the row runs
+    from token p on. Returns (cache, attention mask, position ids of the last prompt token, first new tokens)."""
     import torch
     from transformers import DynamicCache
 
@@ -126,10 +131,11 @@ def _prefill(lm, rows: list[list[int]], reserve: int, amp: dict):
     firsts: list[int] = []
     bufs: list[tuple] | None = None
     for r, tokens in enumerate(rows):
-        one = DynamicCache(config=lm.model.config)
+        p, kv = prefixes[r] if prefixes else (0, None)
+        one = cache_from_prefix(lm.model.config, kv, 1) if kv is not None else DynamicCache(config=lm.model.config)
         with torch.no_grad(), torch.autocast(**amp):
-            out = lm.model(input_ids=torch.tensor([tokens], dtype=torch.long, device=lm.device), cache=one, use_cache=True,
-                           logits_to_keep=1)
+            out = lm.model(input_ids=torch.tensor([tokens[p:]], dtype=torch.long, device=lm.device), cache=one, use_cache=True,
+                           position_ids=torch.arange(p, len(tokens), device=lm.device)[None], logits_to_keep=1)
         firsts.append(int(out.logits[0, -1, :].to(dtype=torch.float32).argmax()))
         if bufs is None:
             bufs = [(layer.keys.new_zeros(len(rows), layer.keys.shape[1], width + reserve, layer.keys.shape[-1]),
@@ -161,15 +167,20 @@ def encode_rows(lm, contexts: list[str], max_gen_toks: int) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-def generate_rows(lm, rows: list[list[int]], until: list[str], max_gen_toks: int) -> list[str]:
-    """Greedy continuations of the prompts `rows` (token ids), finished rows dropped from the batch."""
+def _amp(lm) -> dict:
+    return dict(device_type=lm.device.type, dtype=lm.mixed_precision_dtype, enabled=lm.mixed_precision_dtype is not None)
+
+
+def generate_rows(lm, rows: list[list[int]], until: list[str], max_gen_toks: int, prefixes: list[tuple] | None = None) -> list[str]:
+    """Greedy continuations of the prompts `rows` (token ids), finished rows dropped from the batch.
+    `prefixes`: per row, a shared prefix already run (see `_prefill`)."""
     import torch
 
     eos = _eos_ids(lm)
     stops = [(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
     new: list[list[int]] = [[] for _ in rows]
-    amp = dict(device_type=lm.device.type, dtype=lm.mixed_precision_dtype, enabled=lm.mixed_precision_dtype is not None)
-    cache, mask, pos, chosen = _prefill(lm, rows, max_gen_toks, amp)
+    amp = _amp(lm)
+    cache, mask, pos, chosen = _prefill(lm, rows, max_gen_toks, amp, prefixes)
     live = list(range(len(rows)))  # original row of each row still in the batch
     for step in range(max_gen_toks):
         if step:
@@ -217,9 +228,11 @@ def generate_until(lm, requests, batch_size: int, fallback, encode_batch_size: i
         rows: list[list[int]] = []
         for b in range(0, len(order), encode_batch_size):
             rows += encode_rows(lm, [requests[i].args[0] for i in order[b:b + encode_batch_size]], max_gen_toks)
+        shared = PrefixStore(lm, rows, _amp(lm))  # each shared prefix (system turn, few-shot turns) run once
         for b in range(0, len(order), batch_size):
             batch = order[b:b + batch_size]
-            for i, text in zip(batch, generate_rows(lm, rows[b:b + batch_size], until, max_gen_toks)):
+            prefixes = [shared.take(r) for r in range(b, b + len(batch))]
+            for i, text in zip(batch, generate_rows(lm, rows[b:b + batch_size], until, max_gen_toks, prefixes)):
                 results[i] = text
                 lm.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), text)
     return results
