@@ -28,6 +28,10 @@ def test_groups_are_the_subjects_not_only_the_prefix_every_item_shares():
     assert shared_prefix_groups([[1] * 30, [1] * 30]) == [(29, [0, 1])]  # equal sequences keep their last token
     assert shared_prefix_groups([[1] * 10 + [2], [1] * 10 + [3]]) == [(0, [0, 1])]  # under MIN_SHARED: alone
     assert shared_prefix_groups([]) == [] and shared_prefix_groups([[4]]) == [(0, [0])]
+    # "most of the row" holds for each member: a long one among short ones runs alone
+    short, long_ = [system + [i] * 10 for i in range(1, 10)], system + [0] * 40  # 20 of 30 tokens; 20 of 60
+    groups = shared_prefix_groups(short + [long_], min_fraction=0.5)
+    assert groups == [(20, list(range(9))), (0, [9])], groups
 
 
 @pytest.fixture(scope="module")
