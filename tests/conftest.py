@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -101,13 +102,17 @@ def postgres():
 
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
+    import prefect.testing.utilities as harness
+
+    from trlm.prefect_db import seed_prefect_database
 
     home = tmp_path_factory.mktemp("prefect-home")
+    database = tmp_path_factory.mktemp("prefect-db")
+    seed_prefect_database(database / "prefect-test.db")  # the harness's database, migrated once per suite
     old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "storage")
-    with prefect_test_harness(server_startup_timeout=120):
+    with mock.patch.object(harness, "mkdtemp", lambda: str(database)), harness.prefect_test_harness(server_startup_timeout=120):
         yield
     for k, v in old.items():
         if v is None:

@@ -7,7 +7,7 @@
       <- runs      trlm/runs/: lineage, stage runs, tracking, artifact store, import graph
       <- flows     flows/: orchestration
       <- cli       trlm/cli.py
-    eval/ stands alone (ground only); trlm/{servers,process_setup}.py (host) too, under the run
+    eval/ stands alone (ground only); trlm/{servers,process_setup,prefect_db}.py (host) too, under the run
     bookkeeping (which asks servers.py whether the tracking server is the work dir's own), flows and the CLI.
 """
 
@@ -30,6 +30,7 @@ LAYERS = (
     ("trlm.eval", "eval"),
     ("trlm.servers", "host"),
     ("trlm.process_setup", "host"),
+    ("trlm.prefect_db", "host"),
     ("trlm.cli", "cli"),
 )
 

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from test_pipeline import write_tiny_recipe
+from trlm.prefect_db import seed_prefect_database
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "trlm-test"
@@ -71,6 +72,7 @@ def service(tmp_path_factory, tiny_model_dir, shared_data):
     env.pop("MLFLOW_TRACKING_URI", None)
     logs = root / "logs"
     logs.mkdir()
+    seed_prefect_database(root / "prefect" / "prefect.db")  # migrated once per suite, not per server
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     worker = None

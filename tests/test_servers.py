@@ -157,14 +157,15 @@ def test_a_temporary_prefect_server_that_times_out_is_started_again(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}"}
+    # the work dir's own database, as `trlm run` sets it: seeded, so the second start is quick
+    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'work' / 'prefect' / 'prefect.db'}"}
     out = subprocess.run([sys.executable, "-c", EPHEMERAL_PROBE, str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-2:] == [
         "note: Prefect's temporary server did not answer in time (attempt 1 of 3); starting it again",
         "attempts 2 health 200",
     ]
-    assert (tmp_path / "work" / "prefect").is_dir(), "the temporary server's database folder"
+    assert (tmp_path / "work" / "prefect" / "prefect.db").is_file(), "the temporary server's database"
 
 
 def test_other_temporary_server_errors_are_not_retried(monkeypatch, tmp_path):

@@ -50,6 +50,7 @@ import yaml
 
 from servers import LOOPBACK, Server, free_port, mlflow_server
 from test_pipeline import write_tiny_recipe
+from trlm.prefect_db import seed_prefect_database
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "trlm-two-workers"
@@ -81,6 +82,8 @@ def cluster(request, tmp_path_factory, tiny_model_dir, shared_data):
         pg = request.getfixturevalue("postgres")
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = pg.url(pg.database("prefect"), "asyncpg")
         backend = pg.url(pg.database("mlflow"))
+    else:
+        seed_prefect_database(root / "prefect" / "prefect.db")  # migrated once per suite, not per server
     logs = root / "logs"
     # on PostgreSQL with two server processes, as a shared server runs it (SQLite: one writer, one process)
     mlflow = mlflow_server(root / "mlflow", str(root / "mlflow" / "artifacts"), backend=backend, workers=2 if backend else 1)

@@ -273,7 +273,8 @@ def up(recipe: RecipeOpt = None,
     """
     import subprocess
 
-    from trlm.servers import ARTIFACTS_DIR, PREFECT_DIR, is_database_store, port_in_use, record_server, recorded_process, wait_for
+    from trlm.servers import (ARTIFACTS_DIR, PREFECT_DIR, is_database_store, port_in_use, record_server, recorded_process,
+                              seed_own_prefect_database, wait_for)
 
     r, _ = _load(recipe, None)
     work = r.work_path
@@ -308,6 +309,7 @@ def up(recipe: RecipeOpt = None,
         "mlflow": [str(bin_dir / "mlflow"), "server", "--serve-artifacts", "--artifacts-destination", str(work / ARTIFACTS_DIR),
                    "--host", "127.0.0.1", "--port", str(mlflow_port)],
     }
+    seed_own_prefect_database(work)  # a new work dir's server starts in seconds, not after 150 migrations
     started = {}
     for name, cmd in procs.items():
         log_file = open(logs / f"{name}.log", "ab")

@@ -176,6 +176,15 @@ def prefect_database_url(work_dir: Path) -> str:
     return f"sqlite+aiosqlite:///{Path(work_dir) / PREFECT_DIR / 'prefect.db'}"
 
 
+def seed_own_prefect_database(work_dir: Path) -> None:
+    """A new work dir's own Prefect database starts migrated (`trlm/prefect_db.py`); a database the
+    user set is left to Prefect."""
+    from trlm.prefect_db import seed_prefect_database
+
+    if os.environ.get(_DB_VARS[0]) == prefect_database_url(work_dir):
+        seed_prefect_database(Path(work_dir) / PREFECT_DIR / "prefect.db")
+
+
 def own_mlflow_url(work_dir: Path) -> str | None:
     """The URL of the MLflow server `trlm up` started for this work dir, while it runs."""
     port = live_port(work_dir, "mlflow")
@@ -235,6 +244,7 @@ def start_temporary_prefect(work_dir: Path, say, tries: int = 3, timeout_s: int 
     if settings.api.url is not None or not settings.server.ephemeral.enabled:
         return
     (Path(work_dir) / PREFECT_DIR).mkdir(parents=True, exist_ok=True)
+    seed_own_prefect_database(work_dir)
     for attempt in range(1, tries + 1):
         server = SubprocessASGIServer()
         try:
