@@ -115,8 +115,9 @@ class TrlmLM(HFLM):
         rows = [(list(ctx), part) for ctx in groups for part in self._split(ctx, groups[ctx], requests)]
         step = max(1, int(self.batch_size)) if self.batch_size != "auto" else 1
         # Rows whose answers are all one token run unmasked (see _score_rows): a prefix must be most of them.
-        one_token = [r for r in rows if all(len(requests[i][2]) == 1 for i in r[1])]
-        packed = [r for r in rows if not all(len(requests[i][2]) == 1 for i in r[1])]
+        is_one_token = [all(len(requests[i][2]) == 1 for i in part) for _, part in rows]
+        one_token = [r for r, yes in zip(rows, is_one_token) if yes]
+        packed = [r for r, yes in zip(rows, is_one_token) if not yes]
         for pool, min_fraction in ((packed, 0.0), (one_token, MIN_FRACTION_UNMASKED)):
             unshared: list = []
             for p, members in shared_prefix_groups([ctx for ctx, _ in pool], min_fraction=min_fraction):

@@ -167,10 +167,6 @@ def encode_rows(lm, contexts: list[str], max_gen_toks: int) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-def _amp(lm) -> dict:
-    return dict(device_type=lm.device.type, dtype=lm.mixed_precision_dtype, enabled=lm.mixed_precision_dtype is not None)
-
-
 def generate_rows(lm, rows: list[list[int]], until: list[str], max_gen_toks: int, prefixes: list[tuple] | None = None) -> list[str]:
     """Greedy continuations of the prompts `rows` (token ids), finished rows dropped from the batch.
     `prefixes`: per row, a shared prefix already run (see `_prefill`)."""
@@ -179,7 +175,7 @@ def generate_rows(lm, rows: list[list[int]], until: list[str], max_gen_toks: int
     eos = _eos_ids(lm)
     stops = [(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
     new: list[list[int]] = [[] for _ in rows]
-    amp = _amp(lm)
+    amp = lm._amp()
     cache, mask, pos, chosen = _prefill(lm, rows, max_gen_toks, amp, prefixes)
     live = list(range(len(rows)))  # original row of each row still in the batch
     for step in range(max_gen_toks):
@@ -228,7 +224,7 @@ def generate_until(lm, requests, batch_size: int, fallback, encode_batch_size: i
         rows: list[list[int]] = []
         for b in range(0, len(order), encode_batch_size):
             rows += encode_rows(lm, [requests[i].args[0] for i in order[b:b + encode_batch_size]], max_gen_toks)
-        shared = PrefixStore(lm, rows, _amp(lm))  # each shared prefix (system turn, few-shot turns) run once
+        shared = PrefixStore(lm, rows, lm._amp())  # a prefix that is most of its prompts (a subtask's few-shot turns), run once
         for b in range(0, len(order), batch_size):
             batch = order[b:b + batch_size]
             prefixes = [shared.take(r) for r in range(b, b + len(batch))]

@@ -150,16 +150,16 @@ def test_a_prefilled_prefix_leaves_the_cache_of_the_whole_prompt(tiny):
     import torch
 
     from trlm.eval.backend import TrlmLM
-    from trlm.eval.generate import _amp, _prefill
+    from trlm.eval.generate import _prefill
     from trlm.eval.prefix import PrefixStore
 
     model, tok = tiny
     tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=160)
     rows = [tok.encode(shots + f"Question: case {q}" + " go on" * q + "?") for shots in FEWSHOT for q in range(3)]
-    store = PrefixStore(tr, rows, _amp(tr))
+    store = PrefixStore(tr, rows, tr._amp())
     prefixes = [store.take(r) for r in range(len(rows))]
     assert all(p >= len(tok.encode(FEWSHOT[0])) - 1 for p, _ in prefixes), [p for p, _ in prefixes]  # the few-shot turns
-    whole, shared = _prefill(tr, rows, 4, _amp(tr)), _prefill(tr, rows, 4, _amp(tr), prefixes)
+    whole, shared = _prefill(tr, rows, 4, tr._amp()), _prefill(tr, rows, 4, tr._amp(), prefixes)
     assert whole[3] == shared[3] and torch.equal(whole[1], shared[1]) and torch.equal(whole[2], shared[2])
     for a, b in zip(whole[0].layers, shared[0].layers, strict=True):
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
