@@ -99,13 +99,15 @@ def service(tmp_path_factory, tiny_model_dir, shared_data):
 
 def _deployments_file(root: Path, recipe: Path) -> Path:
     """The shipped prefect.yaml, pointed at the test's pool and tiny recipe, plus one deployment
-    whose schedule fires every minute (running only data-prep, which is cached by then)."""
+    whose schedule fires every minute (running only data-prep, which is cached by then). That
+    schedule starts inactive: the schedule test turns it on for one run (else every minute of the
+    module costs the worker a flow run's process, and the other tests their turn on the worker)."""
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     for dep in doc["deployments"]:
         dep["work_pool"]["name"] = POOL
         dep["parameters"]["recipe"] = str(recipe)
     soon = {**doc["deployments"][0], "name": "trlm-every-minute", "parameters": {"recipe": str(recipe), "overrides": [], "only": "data-prep"},
-            "schedules": [{"cron": "* * * * *", "timezone": "UTC", "active": True}]}
+            "schedules": [{"cron": "* * * * *", "timezone": "UTC", "active": False}]}
     doc["deployments"].append(soon)
     path = root / "prefect.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -187,19 +189,23 @@ def test_schedules_are_created_and_one_fires_on_the_worker(service):
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=states))))
 
-    async def pause(name: str) -> None:
+    async def set_active(name: str, active: bool) -> None:
         async with get_client() as client:
-            await client.pause_deployment((await client.read_deployment_by_name(f"trlm-pipeline/{name}")).id)
+            dep = await client.read_deployment_by_name(f"trlm-pipeline/{name}")
+            for schedule in await client.read_deployment_schedules(dep.id):
+                await client.update_deployment_schedule(dep.id, schedule.id, active=active)
 
     deadline = time.time() + 60
     while time.time() < deadline and not (nightly := asyncio.run(runs_of("trlm-nightly", ["SCHEDULED"]))):
         time.sleep(2)
     assert nightly and all(r.expected_start_time.hour == 2 and r.expected_start_time.minute == 0 for r in nightly)
 
+    assert not asyncio.run(runs_of("trlm-every-minute", ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"])), "an inactive schedule fired"
+    asyncio.run(set_active("trlm-every-minute", True))
     deadline = time.time() + 240
     while time.time() < deadline and not (fired := asyncio.run(runs_of("trlm-every-minute", ["COMPLETED"]))):
         time.sleep(3)
-    asyncio.run(pause("trlm-every-minute"))  # the worker is free again for the next test
+    asyncio.run(set_active("trlm-every-minute", False))  # the worker is free again for the next test
     assert fired, f"no scheduled run completed on the worker; see {service['logs']}"
 
 
