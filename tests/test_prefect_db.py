@@ -92,3 +92,23 @@ def test_only_the_work_dirs_own_database_is_seeded(tmp_path, counted_migrations,
     monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", prefect_database_url(tmp_path))
     seed_own_prefect_database(tmp_path)
     assert _revision(tmp_path / PREFECT_DIR / "prefect.db") == [("head-of-this-version",)]
+
+
+def test_a_database_made_meanwhile_by_another_process_is_kept(tmp_path, counted_migrations, monkeypatch):
+    """Two first runs of one work dir at once: the second never replaces the file the first one's
+    server may have open already."""
+    db = tmp_path / "work" / "prefect.db"
+    real_copy = prefect_db._copy
+
+    def other_process_first(src, dst, keep_existing=False):
+        if dst == db:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with sqlite3.connect(db) as con:
+                con.execute("create table theirs (x int)")
+        return real_copy(src, dst, keep_existing)
+
+    monkeypatch.setattr(prefect_db, "_copy", other_process_first)
+    assert not seed_prefect_database(db)
+    with sqlite3.connect(db) as con:
+        assert con.execute("select name from sqlite_master").fetchall() == [("theirs",)]
+    assert [p.name for p in db.parent.iterdir()] == ["prefect.db"], "no temporary file left"

@@ -36,26 +36,36 @@ def _migrate(db: Path) -> None:
         raise RuntimeError(f"Prefect's database migrations failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """A consistent copy through SQLite's backup API, written to a temporary file and renamed: a
-    reader never sees half a database, and two processes making the same file at once both succeed."""
+def _copy(src: Path, dst: Path, keep_existing: bool = False) -> bool:
+    """A consistent copy through SQLite's backup API, written to a temporary file and then put in
+    place whole: a reader never sees half a database. `keep_existing`: never replace a `dst` that
+    appeared meanwhile (another process's server may have it open already); False then."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        with sqlite3.connect(src) as source, sqlite3.connect(tmp) as target:
+        source, target = sqlite3.connect(src), sqlite3.connect(tmp)
+        try:
             source.backup(target)
-        source.close()
-        target.close()
-        os.replace(tmp, dst)
-    except BaseException:
+        finally:
+            source.close()
+            target.close()
+        if not keep_existing:
+            os.replace(tmp, dst)  # the template: equal content whoever writes it last
+            return True
+        try:
+            os.link(tmp, dst)  # atomic, and fails if dst exists
+        except OSError:  # it exists, or this file system has no hard links: Prefect migrates a new one itself
+            return False
+        return True
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def seed_prefect_database(db: Path) -> bool:
     """Make `db` a copy of the migrated empty template when it does not exist yet (True), migrating
-    the template first when this Prefect version has none. False when `db` exists already."""
+    the template first when this Prefect version has none. False when `db` exists already, or was
+    made by another process meanwhile (two first runs of one work dir at once)."""
     db = Path(db)
     if db.exists():
         return False
@@ -67,8 +77,6 @@ def seed_prefect_database(db: Path) -> bool:
             try:
                 _copy(fresh, template)
             except OSError:  # no cache to keep it in (a read-only home): this work dir still gets it
-                _copy(fresh, db)
-                return True
-    _copy(template, db)
-    return True
+                return _copy(fresh, db, keep_existing=True)
+    return _copy(template, db, keep_existing=True)
 
