@@ -326,6 +326,29 @@ def test_chunked_loss_saves_no_logits_for_backward():
     assert max(saved_sizes) >= 2 * 49 * 1000  # the full path keeps the [B, T-1, V] log-probs
 
 
+def test_one_chunk_is_not_recomputed_and_gives_the_same_gradients(monkeypatch):
+    # One chunk runs outside `checkpoint` (no second projection in the backward); several chunks run
+    # under it. Both give the same loss and gradients.
+    import trlm.training.losses as losses
+
+    calls = []
+    real = losses.checkpoint
+    monkeypatch.setattr(losses, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    labels = torch.randint(0, 300, (2, 30))
+    grads = {}
+    for chunk_size in (1024, 16):
+        hidden = torch.randn(2, 30, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        weight = torch.randn(300, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        calls.clear()
+        loss, _, _ = chunked_sft_loss_sum(hidden, weight, labels, chunk_size=chunk_size)
+        loss.backward()
+        grads[chunk_size] = (len(calls), loss.detach(), hidden.grad, weight.grad)
+    assert grads[1024][0] == 0 and grads[16][0] == 4  # 58 targets: one chunk of 1024, four of 16
+    for a, b in zip(grads[1024][1:], grads[16][1:]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_chunked_all_masked_batch_is_zero_and_backward_works():
     hidden = torch.randn(2, 4, 5, requires_grad=True)
     weight = torch.randn(9, 5, requires_grad=True)

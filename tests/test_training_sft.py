@@ -250,6 +250,18 @@ def test_bf16_precisions(tmp_path, tiny_model_dir, sft_data, precision, dtype):
     assert model_state(tmp_path / precision / "model")["model.norm.weight"].dtype == dtype
 
 
+@pytest.mark.parametrize("native, expected", [(True, "bf16-mixed"), (False, "fp32")])
+def test_bf16_mixed_if_native_follows_the_cpu(monkeypatch, native, expected):
+    """bf16-mixed-if-native: bf16 autocast on a CPU that multiplies bf16 in hardware, fp32 on one that
+    would emulate it (slower than fp32)."""
+    from trlm.training import modeling
+
+    monkeypatch.setattr(modeling, "native_cpu_bf16", lambda: native)
+    accelerator, dtype, precision = modeling.make_accelerator("bf16-mixed-if-native")
+    assert (precision, dtype) == (expected, torch.float32)
+    assert accelerator.mixed_precision == ("bf16" if native else "no")
+
+
 # --- a non-finite step stops the stage ----------------------------------------------------------
 
 

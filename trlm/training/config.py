@@ -20,8 +20,9 @@ class TrainConfig(Strict):
     warmup_ratio: Annotated[float, NoBool, Field(ge=0, lt=1)] = 0.0
     weight_decay: NonNegativeFloat = 0.0
     max_grad_norm: PositiveFloat = 1.0
-    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-pure"] = Field(
-        "auto", description="auto = bf16-mixed on GPU, fp32 on CPU; bf16-pure is what the published run did"
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-pure", "bf16-mixed-if-native"] = Field(
+        "auto", description="auto = bf16-mixed on GPU, fp32 on CPU; bf16-mixed-if-native = bf16-mixed on a GPU or a CPU "
+        "with AVX512-BF16/AMX, fp32 elsewhere; bf16-pure is what the published run did"
     )
     gradient_checkpointing: Bool = False
     seed: Int = 42
