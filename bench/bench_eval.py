@@ -75,10 +75,14 @@ def run_part(model, tok, name: str, task: str, profile: str, sample: int | None,
             docs[backend] = evaluate(model, tok, cfg, data_root=data_root(), work_dir=work / f"{name}-{backend}",
                                      model_fingerprint=f"bench-{name}-{backend}", progress=False)
         wall = time.time() - t0
+        calls: dict[str, list[dict]] = {}  # tasks evaluated in one lm-eval call (the generative ones) share a row
         for t, s in docs[backend]["settings"]["tasks"].items():
-            row = rows.setdefault(t, {"part": name, "task": t, "items": s["n_evaluated"]})
-            row[f"{backend}_s"] = s["wall_s"]
-            row[f"{backend}_items/s"] = round(s["n_evaluated"] / s["wall_s"], 2) if s["wall_s"] else None
+            calls.setdefault("+".join(s.get("evaluated_together") or [t]), []).append(s)
+        for t, members in calls.items():
+            items, wall_s = sum(s["n_evaluated"] for s in members), members[0]["wall_s"]
+            row = rows.setdefault(t, {"part": name, "task": t, "items": items})
+            row[f"{backend}_s"] = wall_s
+            row[f"{backend}_items/s"] = round(items / wall_s, 2) if wall_s else None
         print(f"  {name} {task or 'all tasks'} {backend}: {wall:.1f} s", file=sys.stderr, flush=True)
     agree = agreement(docs)
     for row in rows.values():

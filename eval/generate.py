@@ -167,18 +167,20 @@ def encode_rows(lm, contexts: list[str], max_gen_toks: int) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-def generate_rows(lm, rows: list[list[int]], until: list[str], max_gen_toks: int, prefixes: list[tuple] | None = None) -> list[str]:
+def generate_rows(lm, rows: list[list[int]], settings: list[tuple[list[str], int]], prefixes: list[tuple] | None = None) -> list[str]:
     """Greedy continuations of the prompts `rows` (token ids), finished rows dropped from the batch.
+    `settings[r]`: row r's (until, max_gen_toks); rows of different tasks decode side by side.
     `prefixes`: per row, a shared prefix already run (see `_prefill`)."""
     import torch
 
     eos = _eos_ids(lm)
-    stops = [(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
+    stops = [[(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until] for until, _ in settings]
+    limits = [max_gen_toks for _, max_gen_toks in settings]
     new: list[list[int]] = [[] for _ in rows]
     amp = lm._amp()
-    cache, mask, pos, chosen = _prefill(lm, rows, max_gen_toks, amp, prefixes)
+    cache, mask, pos, chosen = _prefill(lm, rows, max(limits), amp, prefixes)
     live = list(range(len(rows)))  # original row of each row still in the batch
-    for step in range(max_gen_toks):
+    for step in range(max(limits)):
         if step:
             with torch.no_grad(), torch.autocast(**amp):
                 out = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
@@ -187,7 +189,7 @@ def generate_rows(lm, rows: list[list[int]], until: list[str], max_gen_toks: int
         keep = []
         for j, (row, tok) in enumerate(zip(live, chosen)):
             new[row].append(tok)
-            if tok not in eos and not _stopped(lm, new[row], stops):
+            if tok not in eos and len(new[row]) < limits[row] and not _stopped(lm, new[row], stops[row]):
                 keep.append(j)
         if not keep:
             break
@@ -199,36 +201,43 @@ def generate_rows(lm, rows: list[list[int]], until: list[str], max_gen_toks: int
         step_ids = torch.tensor(chosen, dtype=torch.long, device=lm.device)[:, None]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         pos = pos + 1
-    return [postprocess_generated_text(lm.tok_decode(toks), stop=until, think_end_token=None) for toks in new]
+    return [postprocess_generated_text(lm.tok_decode(toks), stop=until, think_end_token=None) for toks, (until, _) in zip(new, settings)]
 
 
 def generate_until(lm, requests, batch_size: int, fallback, encode_batch_size: int | None = None) -> list[str]:
     """HFLM's `generate_until` with our greedy loop wherever it can match HFLM; `fallback(instances)` for the
-    rest. The prompts are ordered and encoded as HFLM does (batches of `encode_batch_size`, default
-    `batch_size`), then decoded `batch_size` rows at a time: a row's text does not depend on the rows
-    decoded beside it. Results in request order, each added to lm-eval's request cache as HFLM adds it."""
+    rest. The prompts of each generation-kwargs group (a task's) are ordered and encoded as HFLM does
+    (batches of `encode_batch_size`, default `batch_size`); then all groups' rows, one group after the
+    other, are decoded `batch_size` at a time, each row with its own stop strings and token limit: a
+    row's text does not depend on the rows decoded beside it, and when lm-eval hands over several tasks
+    at once their short tails share decode steps. Results in request order, each added to lm-eval's
+    request cache as HFLM adds it."""
     results: list = [None] * len(requests)
     groups: dict[str, list[int]] = {}
     for i, req in enumerate(requests):
         groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
     encode_batch_size = encode_batch_size or batch_size
+    order: list[int] = []  # request of each row
+    rows: list[list[int]] = []
+    settings: list[tuple[list[str], int]] = []
     for members in groups.values():
-        gen_kwargs = requests[members[0]].args[1]
-        settings = greedy_settings(lm, gen_kwargs)
-        if settings is None:
+        greedy = greedy_settings(lm, requests[members[0]].args[1])
+        if greedy is None:
             for i, text in zip(members, fallback([requests[i] for i in members])):
                 results[i] = text
             continue
-        until, max_gen_toks = settings
-        order = sorted(members, key=lambda i: (-len(lm.tok_encode(requests[i].args[0])), requests[i].args[0]))
-        rows: list[list[int]] = []
-        for b in range(0, len(order), encode_batch_size):
-            rows += encode_rows(lm, [requests[i].args[0] for i in order[b:b + encode_batch_size]], max_gen_toks)
-        shared = PrefixStore(lm, rows, lm._amp())  # a prefix that is most of its prompts (a subtask's few-shot turns), run once
-        for b in range(0, len(order), batch_size):
-            batch = order[b:b + batch_size]
-            prefixes = [shared.take(r) for r in range(b, b + len(batch))]
-            for i, text in zip(batch, generate_rows(lm, rows[b:b + batch_size], until, max_gen_toks, prefixes)):
-                results[i] = text
-                lm.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), text)
+        mine = sorted(members, key=lambda i: (-len(lm.tok_encode(requests[i].args[0])), requests[i].args[0]))
+        for b in range(0, len(mine), encode_batch_size):
+            rows += encode_rows(lm, [requests[i].args[0] for i in mine[b:b + encode_batch_size]], greedy[1])
+        order += mine
+        settings += [greedy] * len(mine)
+    if not rows:
+        return results
+    shared = PrefixStore(lm, rows, lm._amp())  # a prefix that is most of its prompts (a subtask's few-shot turns), run once
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        prefixes = [shared.take(r) for r in range(b, b + len(batch))]
+        for i, text in zip(batch, generate_rows(lm, rows[b:b + batch_size], settings[b:b + batch_size], prefixes)):
+            results[i] = text
+            lm.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), text)
     return results

@@ -127,18 +127,48 @@ def _evaluate_leaf(run: _Run, out: dict, leaf: str, leaf_obj, samples: dict, pla
     return table, b, rec
 
 
-def _evaluate_task(run: _Run, name: str) -> dict[str, Any]:
-    """One task or group through lm-eval: adds its results, baselines and samples to `run`; returns its settings."""
+def _generative(run: _Run, name: str) -> bool:
+    """Every leaf of the task generates (`generate_until`): GSM8K, BBH, IFEval."""
+    obj = _load(run, name)[0]
+    return all(getattr(leaf, "OUTPUT_TYPE", None) == "generate_until" for leaf in leaf_tasks(obj))
+
+
+def _load(run: _Run, name: str):
+    cfg = run.cfg
+    return shared_task(run.tm, name, data_root=run.data_root, profile=cfg.profile, limit=cfg.limit, sample=run.sample, seed=cfg.seed)
+
+
+def _evaluation_calls(run: _Run, tasks: list[str]) -> list[list[str]]:
+    """One lm-eval call per task, but one for all the generative tasks together, where the first of them
+    stands: lm-eval hands a call's generation requests to the backend at once, so the trlm backend decodes
+    GSM8K's, BBH's and IFEval's rows in the same batches (a decode step on a CPU reads every weight once,
+    whatever the batch). Each task's requests, items and metrics are the same as in a call of its own."""
+    generative = [name for name in tasks if _generative(run, name)]
+    calls: list[list[str]] = []
+    for name in tasks:
+        if name not in generative:
+            calls.append([name])
+        elif name == generative[0]:
+            calls.append(generative)
+    return calls
+
+
+def _evaluate_tasks(run: _Run, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Tasks or groups through one lm-eval call: adds their results, baselines and samples to `run`;
+    returns each one's settings."""
     import lm_eval
 
     cfg = run.cfg
     t0 = time.time()
-    obj, plan, samples = shared_task(run.tm, name, data_root=run.data_root, profile=cfg.profile, limit=cfg.limit, sample=run.sample, seed=cfg.seed)
-    share_requests(obj, run.lm)  # loaded, and its requests built, once per process (eval/shared.py)
-    run.notes.extend(plan.notes)
+    loaded = {name: _load(run, name) for name in names}
+    samples: dict = {}
+    for obj, plan, chosen in loaded.values():
+        share_requests(obj, run.lm)  # loaded, and its requests built, once per process (eval/shared.py)
+        run.notes.extend(plan.notes)
+        samples.update(chosen or {})
     out = lm_eval.simple_evaluate(
         model=run.lm,
-        tasks=[obj],
+        tasks=[obj for obj, _, _ in loaded.values()],
         samples=samples or None,
         limit=cfg.limit,
         apply_chat_template=cfg.apply_chat_template,
@@ -150,8 +180,23 @@ def _evaluate_task(run: _Run, name: str) -> dict[str, Any]:
         **run.seeds,
     )
     wall = time.time() - t0
+    log.info("evaluated %s in %.1f s", " + ".join(names), wall)
+    return {name: _task_settings(run, out, name, *loaded[name], wall=wall, together=names) for name in names}
+
+
+def _members(groups: dict[str, list[str]], name: str) -> set[str]:
+    """The leaves and groups under `name` (itself included), from lm-eval's `group_subtasks`."""
+    found = {name}
+    for sub in groups.get(name, []):
+        found |= _members(groups, sub)
+    return found
+
+
+def _task_settings(run: _Run, out: dict, name: str, obj, plan, samples, *, wall: float, together: list[str]) -> dict[str, Any]:
+    """One task's (or group's) part of an lm-eval call's output, added to `run`; returns its settings."""
     groups = out.get("group_subtasks", {})
-    leaves = [t for t in out["results"] if t not in groups]
+    mine = _members(groups, name)
+    leaves = [t for t in out["results"] if t not in groups and t in mine]
     leaf_records = {}
     leaf_baselines = []
     leaf_objs = {t.task_name: t for t in leaf_tasks(obj)}
@@ -164,13 +209,12 @@ def _evaluate_task(run: _Run, name: str) -> dict[str, Any]:
         else:
             run.subtask_results[leaf] = table
     for g in groups:
-        if g != name and g in out["results"]:
+        if g != name and g in mine and g in out["results"]:
             run.subtask_results[g] = metric_table(out["results"][g], int(out["results"][g].get("sample_len") or 0))
     if name in out["results"] and name in groups:
         n = int(out["results"][name].get("sample_len") or 0)
         run.results[name] = metric_table(out["results"][name], n)
         run.baselines[name] = pool_baselines(leaf_baselines)
-    log.info("evaluated %s in %.1f s", name, wall)
     return {
         "task_version": out["versions"].get(name),
         "kind": "group" if name in groups else "task",
@@ -182,7 +226,8 @@ def _evaluate_task(run: _Run, name: str) -> dict[str, Any]:
         "items_per_subtask" if name in groups else "items": plan.items_per_leaf,
         "selection": plan.selection,
         "split_overrides": plan.split_overrides or None,
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1),  # of the lm-eval call, shared by the tasks evaluated together
+        "evaluated_together": together if len(together) > 1 else None,
         "leaves": leaf_records,
     }
 
@@ -298,7 +343,11 @@ def evaluate(
                    seeds={"random_seed": cfg.seed, "numpy_random_seed": cfg.seed, "torch_random_seed": cfg.seed, "fewshot_random_seed": cfg.seed})
         with offline_datasets(mirror), quiet(progress), no_git_probe(), env_info_once(), torch.no_grad():
             run.tm = task_manager(tasks)
-            task_settings = {name: _evaluate_task(run, name) for name in tasks}
+            task_settings: dict[str, dict] = {}
+            for names in _evaluation_calls(run, tasks):
+                task_settings.update(_evaluate_tasks(run, names))
+    task_settings = {name: task_settings[name] for name in tasks}
+    run.results = {name: run.results[name] for name in tasks if name in run.results}
 
     samples_path = work_dir / "eval-samples" / f"{model_fingerprint.replace('/', '_').replace(':', '_')[:40]}-{cfg.profile}.jsonl"
     _write_samples(samples_path, run.samples)

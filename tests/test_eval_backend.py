@@ -240,6 +240,40 @@ def test_generations_do_not_depend_on_the_decode_batch(tiny):
     assert sum(w != f for w, f in zip(want, free)) >= 2  # some rows stopped early
 
 
+def test_tasks_handed_over_together_decode_side_by_side_with_hflms_texts(tiny, monkeypatch):
+    """Requests of two tasks in one call (their own stop strings and token limits, as lm-eval hands over
+    GSM8K's, BBH's and IFEval's at once): HFLM's text for each, from one set of decode steps."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from trlm.eval.backend import TrlmLM
+
+    model, tok = tiny
+    first, second = [f"Case {i}:" + " go on" * (i * 7 % 19) for i in range(5)], [f"Item {i}:" + " more" * (i * 3 % 11) for i in range(4)]
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64)
+    with torch.no_grad():
+        free = hf.generate_until(_gen_requests(second, {"until": [], "max_gen_toks": 20, "do_sample": False}), disable_tqdm=True)
+        stops = sorted({t[len(t) // 2:len(t) // 2 + 2] for t in free if len(t) > 6})[:2]
+        reqs = _gen_requests(first, {"until": [], "max_gen_toks": 12, "do_sample": False})
+        reqs += _gen_requests(second, {"until": stops, "max_gen_toks": 20, "do_sample": False})
+        want = hf.generate_until(reqs, disable_tqdm=True)
+        tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64, gen_batch_size=16)
+        steps = []
+        backbone = model.model
+        original = type(backbone).forward
+        monkeypatch.setattr(type(backbone), "forward", lambda self, *a, **k: steps.append(k["input_ids"].shape[1] == 1) or original(self, *a, **k))
+        got = tr.generate_until(reqs, disable_tqdm=True)
+        together = sum(steps)
+        alone = []
+        for part in (reqs[:5], reqs[5:]):
+            steps.clear()
+            tr.generate_until(part, disable_tqdm=True)
+            alone.append(sum(steps))
+    assert got == want
+    assert any(w != f for w, f in zip(want[5:], free))  # some rows of the second task stopped early
+    assert together == max(alone) < sum(alone) and min(alone) > 5, (together, alone)  # one set of decode steps, not one per task
+
+
 def test_buffer_cache_layer_equals_concatenation():
     import torch
 
