@@ -322,6 +322,19 @@ def crash_at(step_to_crash: int):
     return on_log
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_no_checkpoint_after_the_last_step_unless_kept(tmp_path, tiny_model_dir, sft_data, monkeypatch, keep):
+    """The model is written right after the last step: a checkpoint there is only written when kept."""
+    from trlm.training import loop
+
+    saved = []
+    real = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda accelerator, out_dir, step, *a, **k: saved.append(step) or real(accelerator, out_dir, step, *a, **k))
+    run(sft_config(max_steps=4, batch_size=2, save_steps=2, keep_checkpoints=keep), tiny_model_dir, sft_data, tmp_path / "out")
+    assert saved == ([2, 4] if keep else [2])
+    assert (tmp_path / "out" / "model").is_dir()
+
+
 @pytest.mark.parametrize("corrupt", [False, True], ids=["clean-crash", "half-written-checkpoints"])
 def test_resume_after_crash_is_bit_identical(tmp_path, tiny_model_dir, sft_data, corrupt):
     """Crash at step 5 (checkpoints at 2 and 4), call again: the final weights equal an uninterrupted

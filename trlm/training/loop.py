@@ -282,9 +282,12 @@ def progress_bar(setup: Setup, initial: int):
 
 
 def save_if_due(setup: Setup, step: int, progress: Progress, watch: Stopwatch) -> None:
-    """Every `save_steps` and after the last step: an atomic checkpoint (its time is not training time)."""
+    """Every `save_steps` steps: an atomic checkpoint (its time is not training time). Not after the last
+    step unless the checkpoints are kept: `finish` writes the model next, and a crash while it does
+    resumes from the checkpoint before (on the smoke recipe this saves a 7 s, 1.6 GB write per stage)."""
     train = setup.train
-    if due(step, train.save_steps, setup.plan.total_steps):
+    last = step == setup.plan.total_steps
+    if (step % train.save_steps == 0 and not last) or (last and train.keep_checkpoints):
         with watch.excluded():
             state = trainer_state(setup.cfg, setup.plan, step, data_fp=setup.data_fp, num_processes=setup.accelerator.num_processes, runtime_s=progress.runtime_s,
                                   total_tokens=progress.total_tokens, history=progress.history)
