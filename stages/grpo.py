@@ -63,7 +63,7 @@ from trlm.training.loop import (LogWindow, OnLog, check_finite, due, finish, log
 from trlm.training.losses import chunked_token_logps
 from trlm.training.optim import clip_gradients
 from trlm.training.policy_gradient import clipped_policy_loss, group_advantages
-from trlm.training.sampling import sample_group
+from trlm.training.sampling import sample_groups
 
 NORMALISE = {"grpo": "sequence", "dr_grpo": "constant", "dapo": "token"}
 
@@ -87,6 +87,8 @@ class GRPOStageConfig(Strict):
                                "changes no value beyond float rounding")
     sample_threads: PositiveInt | None = Field(None, description="CPU intra-op threads while sampling (1 is far faster on a busy "
                                                "shared CPU); None keeps the process setting. Changes no output")
+    sample_workers: PositiveInt = Field(1, description="prompts whose groups are sampled at once, each in a thread of its own (with "
+                                        "sample_threads 1 on a CPU: one core each). Changes no output")
     sample_steps: Int = Field(3, ge=0, description="write samples/step-N.jsonl for the first N steps")
 
     @field_validator("rewards")
@@ -109,13 +111,14 @@ def sample_seed(seed: int, step: int, row: int, sample: int) -> int:
 def _sample_micro_batch(cfg, setup, policy, rows, step: int, weights: dict[str, float]) -> dict:
     tok, data, g = setup.tokenizer, setup.data, cfg.num_generations
     sequences, shares, texts, totals, each, lengths, truncated = [], [], [], [], [], [], 0
-    for row in rows:
+    prompts = [[int(x) for x in data["prompt_input_ids"][row]] for row in rows]
+    seeds = [[sample_seed(cfg.train.seed, step, int(row), k) for k in range(g)] for row in rows]
+    groups = sample_groups(policy, prompts, seeds=seeds, max_new_tokens=cfg.max_completion_length, eos_id=setup.pad_id,
+                           temperature=cfg.temperature, top_p=cfg.top_p, num_threads=cfg.sample_threads, workers=cfg.sample_workers)
+    for row, prompt, completions in zip(rows, prompts, groups):
         first = len(sequences)  # the group's first sample: the others share its prompt
-        prompt = [int(x) for x in data["prompt_input_ids"][row]]
         answer = data["answer"][row]
-        seeds = [sample_seed(cfg.train.seed, step, int(row), k) for k in range(g)]
-        for completion in sample_group(policy, prompt, seeds=seeds, max_new_tokens=cfg.max_completion_length, eos_id=setup.pad_id,
-                                       temperature=cfg.temperature, top_p=cfg.top_p, num_threads=cfg.sample_threads):
+        for completion in completions:
             ended = completion[-1] == setup.pad_id
             truncated += not ended
             text = tok.decode(completion[:-1] if ended else completion, skip_special_tokens=False)

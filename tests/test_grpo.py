@@ -171,6 +171,22 @@ def test_sampling_is_seeded_per_sample_and_uses_the_cache_correctly(tiny_policy)
     assert tiny_policy.config._attn_implementation == "packed_sdpa"  # restored after decoding
 
 
+def test_groups_sampled_in_parallel_threads_are_the_sequential_ones(tiny_policy):
+    """sample_workers: several prompts' groups decode at once, one thread each; every completion is the
+    one sampled alone, and the model's mode, attention kernel and thread count come back as they were."""
+    from trlm.training.sampling import sample_group, sample_groups
+
+    prompts = [[1, 520, 1300, 42, 7, 99], [1, 77, 3], [1, 900, 901, 902, 903, 904, 905, 906]]
+    seeds = [[11, 12], [5, 6], [7, 8]]
+    alone = [sample_group(tiny_policy, p, seeds=s, max_new_tokens=8, eos_id=2, num_threads=1) for p, s in zip(prompts, seeds)]
+    threads = torch.get_num_threads()
+    tiny_policy.train()
+    together = sample_groups(tiny_policy, prompts, seeds=seeds, max_new_tokens=8, eos_id=2, num_threads=1, workers=3)
+    assert together == alone and together[0] != together[1]
+    assert tiny_policy.training and torch.get_num_threads() == threads
+    assert tiny_policy.config._attn_implementation == "packed_sdpa"
+
+
 def test_each_prompt_once_in_the_loss_forward_changes_no_value(tiny_policy):
     """share_prompt: a group's G samples hold their prompt once in the packed row (the row is
     shorter by (G - 1) x prompt), and the completion log-probs and the gradients equal those of the
