@@ -70,9 +70,10 @@ def tokenizer_key(tokenizer, add_bos_token) -> str:
 class TrlmLM(HFLM):
     """HFLM with the loglikelihood path computed once per shared context (see the module doc)."""
 
-    def __init__(self, *args, gen_batch_size: int | None = None, token_budget: int = 2048, **kwargs):
+    def __init__(self, *args, gen_batch_size: int | None = None, gen_workers: int = 1, token_budget: int = 2048, **kwargs):
         super().__init__(*args, **kwargs)
         self.gen_batch_size = gen_batch_size
+        self.gen_workers = gen_workers  # decode batches run side by side, one thread each (eval/generate.py)
         self.token_budget = token_budget  # longest packed row before a context group is split
         self._tok_key = tokenizer_key(self.tokenizer, self.add_bos_token)
         self._encodings = _ENCODINGS.setdefault(self._tok_key, OrderedDict())

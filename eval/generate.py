@@ -234,10 +234,33 @@ def generate_until(lm, requests, batch_size: int, fallback, encode_batch_size: i
     if not rows:
         return results
     shared = PrefixStore(lm, rows, lm._amp())  # a prefix that is most of its prompts (a subtask's few-shot turns), run once
-    for b in range(0, len(order), batch_size):
-        batch = order[b:b + batch_size]
-        prefixes = [shared.take(r) for r in range(b, b + len(batch))]
-        for i, text in zip(batch, generate_rows(lm, rows[b:b + batch_size], settings[b:b + batch_size], prefixes)):
-            results[i] = text
-            lm.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), text)
+    workers = max(1, int(getattr(lm, "gen_workers", None) or 1))
+    for b in range(0, len(order), batch_size * workers):
+        # `workers` decode batches at once, one thread each, rows dealt out in turn (similar lengths)
+        parts = [p for p in (list(range(b, min(b + batch_size * workers, len(order))))[k::workers] for k in range(workers)) if p]
+        jobs = [([rows[r] for r in part], [settings[r] for r in part], [shared.take(r) for r in part]) for part in parts]
+        for part, texts in zip(parts, _run_parts(lm, jobs)):
+            for r, text in zip(part, texts):
+                i = order[r]
+                results[i] = text
+                lm.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), text)
     return results
+
+
+def _run_parts(lm, jobs: list[tuple]) -> list[list[str]]:
+    """`generate_rows` of each job; several jobs side by side in threads with one intra-op thread each. A
+    CPU decode step of a small model is bound by one core's latency: two batches on two cores take about
+    the time of one (eval/config.py `gen_workers`)."""
+    if len(jobs) == 1:
+        return [generate_rows(lm, *jobs[0])]
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="generate") as pool:
+            return list(pool.map(lambda job: generate_rows(lm, *job), jobs))
+    finally:
+        torch.set_num_threads(before)

@@ -302,7 +302,8 @@ def _model_api(model, tokenizer, cfg: EvalConfig):
         return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size)
     from trlm.eval.backend import TrlmLM
 
-    return TrlmLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size, gen_batch_size=cfg.gen_batch_size)
+    return TrlmLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size, gen_batch_size=cfg.gen_batch_size,
+                  gen_workers=cfg.gen_workers)
 
 
 def evaluate(
@@ -368,6 +369,7 @@ def evaluate(
         "backend": getattr(cfg, "backend", "hf"),
         "batch_size": cfg.batch_size,
         "gen_batch_size": cfg.gen_batch_size if getattr(cfg, "backend", "hf") == "trlm" else None,
+        "gen_workers": cfg.gen_workers if getattr(cfg, "backend", "hf") == "trlm" else None,
         "torch_num_threads": num_threads or threads_before,
         "max_length": lm.max_length,
         # lm-eval can cut a generation at an end-of-thinking token before scoring; the published TRLM

@@ -234,9 +234,11 @@ def test_generations_do_not_depend_on_the_decode_batch(tiny):
         stops = sorted({t[len(t) // 3:len(t) // 3 + 2] for t in free if len(t) > 6})[:3]
         kwargs["until"] = stops
         want = hf.generate_until(_gen_requests(contexts, kwargs), disable_tqdm=True)
-        for gen_batch_size in (1, 3, 16):
-            tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64, gen_batch_size=gen_batch_size)
-            assert tr.generate_until(_gen_requests(contexts, kwargs), disable_tqdm=True) == want, gen_batch_size
+        threads = torch.get_num_threads()
+        for gen_batch_size, workers in ((1, 1), (3, 1), (16, 1), (3, 2), (16, 3)):  # workers: batches side by side in threads
+            tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64, gen_batch_size=gen_batch_size, gen_workers=workers)
+            assert tr.generate_until(_gen_requests(contexts, kwargs), disable_tqdm=True) == want, (gen_batch_size, workers)
+            assert torch.get_num_threads() == threads
     assert sum(w != f for w, f in zip(want, free)) >= 2  # some rows stopped early
 
 
