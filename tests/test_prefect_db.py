@@ -112,3 +112,34 @@ def test_a_database_made_meanwhile_by_another_process_is_kept(tmp_path, counted_
     with sqlite3.connect(db) as con:
         assert con.execute("select name from sqlite_master").fetchall() == [("theirs",)]
     assert [p.name for p in db.parent.iterdir()] == ["prefect.db"], "no temporary file left"
+
+
+def test_a_first_run_seeds_beside_its_imports_and_reports_a_failure_once(tmp_path, counted_migrations, monkeypatch):
+    """`trlm run` starts the seed in a thread and goes on (the migrations take 13 s on a first run); the
+    waiter returns when the database is there, and raises the seed's error once. Nothing to seed when a
+    server is set."""
+    import threading
+
+    import trlm.servers as servers
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", servers.prefect_database_url(tmp_path))
+    release = threading.Event()
+    real = prefect_db._migrate
+    monkeypatch.setattr(prefect_db, "_migrate", lambda db: release.wait(10) and real(db))
+    wait = servers.seed_in_background(tmp_path)
+    db = tmp_path / servers.PREFECT_DIR / "prefect.db"
+    assert not db.exists()  # still migrating: the caller went on
+    release.set()
+    wait()
+    assert _revision(db) == [("head-of-this-version",)] and counted_migrations
+
+    monkeypatch.setattr(servers, "seed_own_prefect_database", lambda work_dir: 1 / 0)
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", servers.prefect_database_url(tmp_path / "other"))
+    wait = servers.seed_in_background(tmp_path / "other")
+    with pytest.raises(ZeroDivisionError):
+        wait()
+    wait()  # reported once
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    servers.seed_in_background(tmp_path / "third")()
+    assert not (tmp_path / "third").exists()

@@ -89,6 +89,16 @@ def run(
     r, overrides = _load(recipe, set_, tracking_uri)
     quiet_environment(r)
     _check_servers(r)
+    from trlm.servers import seed_in_background
+
+    seeded = seed_in_background(r.work_path)  # a first run's Prefect migrations, beside the imports below
+    try:
+        _run(r, overrides, recipe, only, from_stage, force, verbose, t0, seeded)
+    finally:
+        seeded()
+
+
+def _run(r, overrides, recipe, only, from_stage, force, verbose: bool, t0: float, seeded) -> None:
     from trlm.stages.registry import active, get_stage, stage_names
 
     try:
@@ -127,6 +137,7 @@ def run(
     typer.echo(f"MLflow:  tracking at {mask_uri(r.resolved_tracking_uri)}")
     recipe_ref = recipe or DEFAULT_RECIPE
     try:
+        seeded()
         start_temporary_prefect(r.work_path, lambda line: typer.echo(line, err=True))  # when no server is set; retried
         outcomes = pipeline(recipe=recipe_ref, overrides=overrides, only=only, from_stage=from_stage, force=list(force or []))
     except Exception as exc:  # the flow already marked the MLflow runs FAILED

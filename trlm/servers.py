@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import psutil
@@ -183,6 +184,32 @@ def seed_own_prefect_database(work_dir: Path) -> None:
 
     if os.environ.get(_DB_VARS[0]) == prefect_database_url(work_dir):
         seed_prefect_database(Path(work_dir) / PREFECT_DIR / "prefect.db")
+
+
+def seed_in_background(work_dir: Path):
+    """Start `seed_own_prefect_database` in a thread when this run will start the temporary server (no
+    server set): a machine's first seed migrates the template in a subprocess (13 s on 2 cores) while
+    this process imports the flow and opens MLflow. Returns the function that waits for it and raises
+    its error; call it before the server starts."""
+    if "PREFECT_API_URL" in os.environ or os.environ.get(_DB_VARS[0]) != prefect_database_url(work_dir):
+        return lambda: None
+    failed: list[BaseException] = []
+
+    def seed() -> None:
+        try:
+            seed_own_prefect_database(work_dir)
+        except BaseException as exc:  # raised by the waiter, in the calling thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=seed, name="prefect-db-seed", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed.pop()  # once
+
+    return wait
 
 
 def own_mlflow_url(work_dir: Path) -> str | None:
