@@ -75,6 +75,11 @@ def _eos_ids(lm) -> set[int]:
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
+def stop_windows(lm, until: list[str]) -> list[tuple[str, int]]:
+    """(stop string, how many last new tokens HFLM decodes to look for it): its length in tokens + 2."""
+    return [(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until]
+
+
 def _stopped(lm, new_tokens: list[int], stops: list[tuple[str, int]]) -> bool:
     """HFLM's stop test for one row: a stop string in the decoded last len(ids)+2 new tokens."""
     return any(s in lm.tokenizer.decode(new_tokens[-n:]) for s, n in stops)
@@ -167,15 +172,16 @@ def encode_rows(lm, contexts: list[str], max_gen_toks: int) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-def generate_rows(lm, rows: list[list[int]], settings: list[tuple[list[str], int]], prefixes: list[tuple] | None = None) -> list[str]:
+def generate_rows(lm, rows: list[list[int]], settings: list[tuple], prefixes: list[tuple] | None = None) -> list[str]:
     """Greedy continuations of the prompts `rows` (token ids), finished rows dropped from the batch.
-    `settings[r]`: row r's (until, max_gen_toks); rows of different tasks decode side by side.
+    `settings[r]`: row r's (until, max_gen_toks, `stop_windows(lm, until)`); rows of different tasks
+    decode side by side. Only decodes with the tokenizer (safe in several threads at once).
     `prefixes`: per row, a shared prefix already run (see `_prefill`)."""
     import torch
 
     eos = _eos_ids(lm)
-    stops = [[(s, len(lm.tokenizer.encode(s, add_special_tokens=False)) + 2) for s in until] for until, _ in settings]
-    limits = [max_gen_toks for _, max_gen_toks in settings]
+    stops = [stop_windows for _, _, stop_windows in settings]
+    limits = [max_gen_toks for _, max_gen_toks, _ in settings]
     new: list[list[int]] = [[] for _ in rows]
     amp = lm._amp()
     cache, mask, pos, chosen = _prefill(lm, rows, max(limits), amp, prefixes)
@@ -201,7 +207,7 @@ def generate_rows(lm, rows: list[list[int]], settings: list[tuple[list[str], int
         step_ids = torch.tensor(chosen, dtype=torch.long, device=lm.device)[:, None]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         pos = pos + 1
-    return [postprocess_generated_text(lm.tok_decode(toks), stop=until, think_end_token=None) for toks, (until, _) in zip(new, settings)]
+    return [postprocess_generated_text(lm.tok_decode(toks), stop=until, think_end_token=None) for toks, (until, _, _) in zip(new, settings)]
 
 
 def generate_until(lm, requests, batch_size: int, fallback, encode_batch_size: int | None = None) -> list[str]:
@@ -219,7 +225,7 @@ def generate_until(lm, requests, batch_size: int, fallback, encode_batch_size: i
     encode_batch_size = encode_batch_size or batch_size
     order: list[int] = []  # request of each row
     rows: list[list[int]] = []
-    settings: list[tuple[list[str], int]] = []
+    settings: list[tuple] = []
     for members in groups.values():
         greedy = greedy_settings(lm, requests[members[0]].args[1])
         if greedy is None:
@@ -230,7 +236,7 @@ def generate_until(lm, requests, batch_size: int, fallback, encode_batch_size: i
         for b in range(0, len(mine), encode_batch_size):
             rows += encode_rows(lm, [requests[i].args[0] for i in mine[b:b + encode_batch_size]], greedy[1])
         order += mine
-        settings += [greedy] * len(mine)
+        settings += [(*greedy, stop_windows(lm, greedy[0]))] * len(mine)  # encoded here, not in the worker threads
     if not rows:
         return results
     shared = PrefixStore(lm, rows, lm._amp())  # a prefix that is most of its prompts (a subtask's few-shot turns), run once

@@ -41,7 +41,7 @@ from trlm.eval.quiet import env_info_once, no_git_probe, quiet
 from trlm.eval.outcome import task_outcome
 from trlm.eval.shared import share_requests, shared_task
 from trlm.eval.task_index import task_manager
-from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS
+from trlm.eval.tasks import SMOKE_MAX_GEN_TOKS, leaf_tasks
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,21 @@ class _Run:
 def _load(run: _Run, name: str):
     cfg = run.cfg
     return shared_task(run.tm, name, data_root=run.data_root, profile=cfg.profile, limit=cfg.limit, sample=run.sample, seed=cfg.seed)
+
+
+def disjoint_calls(tasks: list[str], leaves: dict[str, set[str]]) -> list[list[str]]:
+    """The tasks in as few lm-eval calls as possible, no two tasks of a call sharing a leaf task (lm-eval
+    refuses a duplicate task in one call: `mmlu` with `mmlu_philosophy`, `bbh` with one of its subtasks).
+    None when nothing is requested."""
+    calls: list[tuple[list[str], set[str]]] = []
+    for name in dict.fromkeys(tasks):
+        fit = next((c for c in calls if not c[1] & leaves[name]), None)
+        if fit is None:
+            calls.append(([name], set(leaves[name])))
+        else:
+            fit[0].append(name)
+            fit[1].update(leaves[name])
+    return [names for names, _ in calls]
 
 
 def _evaluate_tasks(run: _Run, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -245,7 +260,10 @@ def evaluate(
                    seeds={"random_seed": cfg.seed, "numpy_random_seed": cfg.seed, "torch_random_seed": cfg.seed, "fewshot_random_seed": cfg.seed})
         with offline_datasets(mirror), quiet(progress), no_git_probe(), env_info_once(), torch.no_grad():
             run.tm = task_manager(tasks)
-            task_settings = _evaluate_tasks(run, tasks)
+            task_settings: dict[str, dict] = {}
+            for names in disjoint_calls(tasks, {name: {t.task_name for t in leaf_tasks(_load(run, name)[0])} for name in tasks}):
+                task_settings.update(_evaluate_tasks(run, names))
+    task_settings = {name: task_settings[name] for name in tasks}
     run.results = {name: run.results[name] for name in tasks if name in run.results}
 
     samples_path = work_dir / "eval-samples" / f"{model_fingerprint.replace('/', '_').replace(':', '_')[:40]}-{cfg.profile}.jsonl"

@@ -87,8 +87,8 @@ class GRPOStageConfig(Strict):
                                "changes no value beyond float rounding")
     sample_threads: PositiveInt | None = Field(None, description="CPU intra-op threads while sampling (1 is far faster on a busy "
                                                "shared CPU); None keeps the process setting. Changes no output")
-    sample_workers: PositiveInt = Field(1, description="prompts whose groups are sampled at once, each in a thread of its own (with "
-                                        "sample_threads 1 on a CPU: one core each). Changes no output")
+    sample_workers: PositiveInt = Field(1, description="prompts whose groups are sampled at once, each in a thread of its own with one "
+                                        "intra-op thread (on a CPU: one core each; sample_threads then does not apply). Changes no output")
     sample_steps: Int = Field(3, ge=0, description="write samples/step-N.jsonl for the first N steps")
 
     @field_validator("rewards")

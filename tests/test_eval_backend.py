@@ -9,6 +9,7 @@ context, and requests longer than `max_length` (HFLM truncates them from the lef
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -235,10 +236,15 @@ def test_generations_do_not_depend_on_the_decode_batch(tiny):
         kwargs["until"] = stops
         want = hf.generate_until(_gen_requests(contexts, kwargs), disable_tqdm=True)
         threads = torch.get_num_threads()
+        encoded_in = set()
+        real_encode = tok.encode
+        tok.encode = lambda *a, **k: encoded_in.add(threading.current_thread().name) or real_encode(*a, **k)
         for gen_batch_size, workers in ((1, 1), (3, 1), (16, 1), (3, 2), (16, 3)):  # workers: batches side by side in threads
             tr = TrlmLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64, gen_batch_size=gen_batch_size, gen_workers=workers)
             assert tr.generate_until(_gen_requests(contexts, kwargs), disable_tqdm=True) == want, (gen_batch_size, workers)
             assert torch.get_num_threads() == threads
+        del tok.encode
+    assert not any(name.startswith("generate") for name in encoded_in)  # the tokenizer encodes on the calling thread only
     assert sum(w != f for w, f in zip(want, free)) >= 2  # some rows stopped early
 
 

@@ -206,3 +206,28 @@ def test_limit_scores_the_items_lm_eval_limit_scores(tiny, shared_data, tmp_path
     for k in theirs:
         assert ours[k] == pytest.approx(theirs[k], rel=1e-5)
     assert doc["results"]["arc_challenge"]["acc"]["value"] == pytest.approx(direct["results"]["arc_challenge"]["acc,none"])
+
+
+def test_tasks_sharing_a_leaf_go_to_separate_calls():
+    """One lm-eval call takes each task once: a group and one of its own subtasks are split apart; the
+    order of the request is kept within each call; nothing requested, no call."""
+    from trlm.eval.harness import disjoint_calls
+
+    leaves = {"arc_easy": {"arc_easy"}, "mmlu": {"mmlu_philosophy", "mmlu_human_aging"}, "mmlu_philosophy": {"mmlu_philosophy"},
+              "gsm8k": {"gsm8k"}, "bbh": {"bbh_a", "bbh_b"}, "bbh_a": {"bbh_a"}}
+    assert disjoint_calls(["arc_easy", "mmlu", "gsm8k"], leaves) == [["arc_easy", "mmlu", "gsm8k"]]
+    assert disjoint_calls(["arc_easy", "mmlu", "mmlu_philosophy", "bbh", "bbh_a", "gsm8k"], leaves) == \
+        [["arc_easy", "mmlu", "bbh", "gsm8k"], ["mmlu_philosophy", "bbh_a"]]
+    assert disjoint_calls([], leaves) == []
+
+
+def test_nothing_left_to_evaluate_gives_a_document_with_its_note(tiny, shared_data, tmp_path, monkeypatch):
+    """IFEval alone, without NLTK's punkt_tab: no lm-eval call (it refuses an empty task list), the note says why."""
+    import trlm.eval.harness as harness
+
+    monkeypatch.setattr(harness, "ensure_punkt_tab", lambda work_dir: {"available": False, "reason": "no punkt_tab here"})
+    model, tok = tiny
+    doc = harness.evaluate(model, tok, EvalConfig(profile="smoke", tasks=["ifeval"]), data_root=shared_data, work_dir=tmp_path,
+                           model_fingerprint="f" * 64, progress=False)
+    assert doc["results"] == {} and doc["settings"]["tasks"] == {}
+    assert any(n.startswith("ifeval NOT evaluated: no punkt_tab here") for n in doc["notes"])

@@ -171,7 +171,7 @@ def test_sampling_is_seeded_per_sample_and_uses_the_cache_correctly(tiny_policy)
     assert tiny_policy.config._attn_implementation == "packed_sdpa"  # restored after decoding
 
 
-def test_groups_sampled_in_parallel_threads_are_the_sequential_ones(tiny_policy):
+def test_groups_sampled_in_parallel_threads_are_the_sequential_ones(tiny_policy, monkeypatch):
     """sample_workers: several prompts' groups decode at once, one thread each; every completion is the
     one sampled alone, and the model's mode, attention kernel and thread count come back as they were."""
     from trlm.training.sampling import sample_group, sample_groups
@@ -181,8 +181,15 @@ def test_groups_sampled_in_parallel_threads_are_the_sequential_ones(tiny_policy)
     alone = [sample_group(tiny_policy, p, seeds=s, max_new_tokens=8, eos_id=2, num_threads=1) for p, s in zip(prompts, seeds)]
     threads = torch.get_num_threads()
     tiny_policy.train()
-    together = sample_groups(tiny_policy, prompts, seeds=seeds, max_new_tokens=8, eos_id=2, num_threads=1, workers=3)
+    import threading
+
+    import trlm.training.sampling as sampling
+
+    where, real = set(), sampling._sample
+    monkeypatch.setattr(sampling, "_sample", lambda *a, **k: where.add(threading.current_thread().name) or real(*a, **k))
+    together = sample_groups(tiny_policy, prompts, seeds=seeds, max_new_tokens=8, eos_id=2, workers=3)
     assert together == alone and together[0] != together[1]
+    assert len(where) >= 2 and all(name.startswith("sample") for name in where)  # in worker threads
     assert tiny_policy.training and torch.get_num_threads() == threads
     assert tiny_policy.config._attn_implementation == "packed_sdpa"
 

@@ -12,6 +12,7 @@ a bad recipe exits with code 2 and a message naming the key or file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -94,8 +95,11 @@ def run(
     seeded = seed_in_background(r.work_path)  # a first run's Prefect migrations, beside the imports below
     try:
         _run(r, overrides, recipe, only, from_stage, force, verbose, t0, seeded)
-    finally:
-        seeded()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error (or exit) is the one to report
+            seeded()
+        raise
+    seeded()
 
 
 def _run(r, overrides, recipe, only, from_stage, force, verbose: bool, t0: float, seeded) -> None:

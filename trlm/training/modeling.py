@@ -30,9 +30,10 @@ def make_accelerator(precision: str, distributed: str = "ddp"):
     precision:
       auto        bf16 autocast on GPU (fp32 master weights), fp32 on CPU
       bf16-mixed-if-native
-                  bf16-mixed where the hardware computes bf16 natively (a GPU; a CPU with AVX512-BF16
-                  or AMX: 1.8x fp32's tokens/s on the smoke recipe's SFT), fp32 elsewhere (a CPU
-                  without them emulates bf16, slower than fp32). Logged; the fingerprint records the result.
+                  bf16-mixed where the hardware computes bf16 natively (a GPU with bf16, Ampere or
+                  later; a CPU with AVX512-BF16 or AMX: 1.3x fp32's tokens/s on the smoke recipe's SFT
+                  on 2 cores), fp32 elsewhere (emulated bf16 is slower than fp32). Logged; the
+                  fingerprint records the result.
       fp32        everything in float32
       bf16-mixed  fp32 weights and optimizer, bf16 autocast for the forward
       bf16-pure   weights, gradients and AdamW states in bf16, no fp32 master copy: what the
@@ -58,9 +59,10 @@ def make_accelerator(precision: str, distributed: str = "ddp"):
     if precision == "auto":
         precision = "bf16-mixed" if on_gpu else "fp32"
     elif precision == "bf16-mixed-if-native":
-        precision = "bf16-mixed" if on_gpu or native_cpu_bf16() else "fp32"
-        log.info("precision bf16-mixed-if-native: %s (%s)", precision, "GPU" if on_gpu else
-                 "this CPU has AVX512-BF16/AMX" if precision != "fp32" else "this CPU has no native bf16")
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if on_gpu else native_cpu_bf16()
+        precision = "bf16-mixed" if native else "fp32"
+        log.info("precision bf16-mixed-if-native: %s (%s %s native bf16)", precision, "this GPU" if on_gpu else "this CPU",
+                 "computes" if native else "has no")
     mixed = {"fp32": "no", "bf16-mixed": "bf16", "bf16-pure": "no"}[precision]
     accelerator = Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False, **accelerator_options(distributed))
     dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32

@@ -109,9 +109,10 @@ def sample_groups(model, prompts: list[list[int]], *, seeds: list[list[int]], ma
     was_training = model.training
     model.eval()
     jobs = [(prompt, group_seeds, max_new_tokens, eos_id, temperature, top_p) for prompt, group_seeds in zip(prompts, seeds, strict=True)]
-    try:
-        with decoding_attention(model), intra_op_threads(num_threads):
-            if workers <= 1 or len(jobs) <= 1:
+    parallel = workers > 1 and len(jobs) > 1
+    try:  # side by side, each worker runs one intra-op thread (no oversubscribed cores)
+        with decoding_attention(model), intra_op_threads(1 if parallel else num_threads):
+            if not parallel:
                 return [_sample(model, *job) for job in jobs]
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sample") as pool:
                 return list(pool.map(lambda job: _sample(model, *job), jobs))
