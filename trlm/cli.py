@@ -91,7 +91,16 @@ def run(
     quiet_environment(r)
     _check_servers(r)
     from trlm.servers import seed_in_background
+    from trlm.stages.registry import active, get_stage
 
+    try:
+        for s in [only, from_stage, *(force or [])]:
+            if s:
+                get_stage(s, active(r))
+        if only and from_stage:
+            raise RecipeError("give --only or --from, not both")
+    except RecipeError as exc:
+        _fail(str(exc))  # before any work: nothing written in the work dir
     seeded = seed_in_background(r.work_path)  # a first run's Prefect migrations, beside the imports below
     try:
         _run(r, overrides, recipe, only, from_stage, force, verbose, t0, seeded)
@@ -103,19 +112,10 @@ def run(
 
 
 def _run(r, overrides, recipe, only, from_stage, force, verbose: bool, t0: float, seeded) -> None:
-    from trlm.stages.registry import active, get_stage, stage_names
-
-    try:
-        for s in [only, from_stage, *(force or [])]:
-            if s:
-                get_stage(s, active(r))
-        if only and from_stage:
-            raise RecipeError("give --only or --from, not both")
-    except RecipeError as exc:
-        _fail(str(exc))
     from trlm.flows.pipeline import selected_stages
     from trlm.runs.lineage import plan
     from trlm.runs.tracking import setup_tracking
+    from trlm.stages.registry import active, stage_names
 
     tracker = setup_tracking(r)
     plans = plan(r, tracker, active(r))
